@@ -12,12 +12,15 @@ import dataclasses
 import inspect
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import typer
 import yaml
+from rich.console import Console
+from rich.text import Text
 
 from rlhfkit.errors import RlhfkitError
 
@@ -114,6 +117,16 @@ def save_config(cfg: Any, path: Path) -> None:
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), encoding="utf-8")
 
 
+@contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """Turn an ``RlhfkitError`` into one red line on stderr and exit code 2, never a traceback."""
+    try:
+        yield
+    except RlhfkitError as exc:
+        Console(stderr=True).print(Text("error: ", style="bold red") + Text(str(exc)))
+        raise typer.Exit(2) from None
+
+
 def config_command(
     group: typer.Typer, name: str, cls: type[C], run: Callable[[C], Any], help: str
 ) -> None:
@@ -147,7 +160,8 @@ def config_command(
 
     def command(**kwargs: Any) -> Any:
         config_file = kwargs.pop("config", None)
-        return run(resolve_config(cls, config_file, kwargs))
+        with exit_on_user_error():
+            return run(resolve_config(cls, config_file, kwargs))
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = help

@@ -1,0 +1,312 @@
+"""The ``rlhf`` command line: one subcommand per pipeline stage.
+
+Each command's options are one config dataclass (flags, YAML keys and ``--help`` come from it);
+the functions here only wire a config to the stage that does the work and print a summary table.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rlhfkit.config import REQUIRED, config_command, exit_on_user_error, option, save_config
+from rlhfkit.models import DEFAULT_MODEL
+
+app = typer.Typer(
+    help="rlhfkit: from prompts and preference labels to an aligned model (RLHF), offline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+data_app = typer.Typer(help="Inspect and validate dataset files.", no_args_is_help=True)
+label_app = typer.Typer(help="Turn candidates into preference labels.", no_args_is_help=True)
+reward_app = typer.Typer(help="Train, evaluate and query reward models.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(label_app, name="label")
+app.add_typer(reward_app, name="reward")
+console = Console()
+
+
+def _table(title: str, rows: dict[str, object]) -> None:
+    table = Table(title=title)
+    table.add_column("")
+    table.add_column("", justify="right")
+    for key, value in rows.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+# ----------------------------------------------------------------------------------------------
+# rlhf data check
+
+
+@data_app.command("check")
+def data_check(
+    file: str = typer.Argument(..., help="Prompt, candidate or preference file (.jsonl/.json/.parquet) or builtin:NAME."),
+) -> None:
+    """Validate a dataset file: print its detected kind and row count; exit non-zero on any error."""
+    from rlhfkit.data import load_dataset
+
+    with exit_on_user_error():
+        dataset = load_dataset(file)
+    console.print(f"{file}: {dataset.kind} ({dataset.fmt}), {len(dataset.records)} rows")
+
+
+@data_app.command("builtins")
+def data_builtins() -> None:
+    """List the prompt sets shipped in installed packages (use as --prompts builtin:NAME)."""
+    from rlhfkit.data import BUILTIN_PROMPT_SETS
+
+    for name, text in BUILTIN_PROMPT_SETS.items():
+        console.print(f"builtin:{name}  {text}")
+
+
+# ----------------------------------------------------------------------------------------------
+# rlhf generate
+
+
+@dataclass
+class GenerateConfig:
+    """Options of ``rlhf generate``."""
+
+    prompts: str = option(REQUIRED, "Prompt file (.jsonl/.json/.parquet) or builtin:NAME.", required=True)
+    out: str = option(REQUIRED, "Candidates JSONL to write.", required=True)
+    model: str = option(DEFAULT_MODEL, "Model: smollm2-135m, tiny-random, a model directory or org/name.")
+    num_completions: int = option(2, "Completions sampled per prompt.")
+    max_new_tokens: int = option(48, "Longest completion in tokens.")
+    temperature: float = option(1.0, "Sampling temperature (0 = greedy).")
+    top_p: float = option(1.0, "Nucleus sampling mass (1 = off).")
+    seed: int = option(0, "Random seed.")
+    batch_size: int = option(16, "Prompts per generation batch (each gives num_completions rows).")
+    limit: int = option(0, "Use only the first N prompts (0 = all).")
+
+    def __post_init__(self) -> None:
+        if self.num_completions < 1 or self.batch_size < 1 or self.limit < 0:
+            raise ValueError("num_completions and batch_size must be >= 1, limit >= 0")
+
+
+def run_generate(cfg: GenerateConfig) -> dict:
+    from rlhfkit.data import CandidateRecord, candidate_row, load_prompts, write_jsonl
+    from rlhfkit.generation import SamplingParams, generate_completions
+    from rlhfkit.models import load_causal_lm, load_tokenizer
+
+    records = load_prompts(cfg.prompts)
+    if cfg.limit:
+        records = records[: cfg.limit]
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    tokenizer, model = load_tokenizer(cfg.model), load_causal_lm(cfg.model)
+    result = generate_completions(
+        model, tokenizer, [r.prompt for r in records], cfg.num_completions, params, cfg.batch_size, cfg.seed
+    )
+    rows = [
+        candidate_row(CandidateRecord(r.prompt, completions, cfg.model, r.extra))
+        for r, completions in zip(records, result.completions, strict=True)
+    ]
+    write_jsonl(cfg.out, rows)
+    summary = {
+        "prompts": len(records),
+        "completions": len(records) * cfg.num_completions,
+        "tokens": result.tokens,
+        "tokens/s": result.tokens / max(result.seconds, 1e-9),
+        "eos rate": result.eos_count / max(1, len(records) * cfg.num_completions),
+        "seconds": result.seconds,
+        "written to": cfg.out,
+    }
+    _table("generate", summary)
+    return summary
+
+
+config_command(app, "generate", GenerateConfig, run_generate, "Sample K completions per prompt into a candidates file.")
+
+
+# ----------------------------------------------------------------------------------------------
+# rlhf label judge
+
+
+@dataclass
+class LabelJudgeConfig:
+    """Options of ``rlhf label judge``."""
+
+    candidates: str = option(REQUIRED, "Candidates file from `rlhf generate`.", required=True)
+    out: str = option(REQUIRED, "Preference JSONL to write.", required=True)
+    judge: str = option("nontoxic", "Judge: nontoxic, sentiment, clean, module:function or file.py:function.")
+    tau: float = option(0.1, "Labeler noise: P(a preferred) = sigmoid((s_a - s_b) / tau).")
+    seed: int = option(0, "Seed of the simulated labeler's choices.")
+    pairs: str = option("all", "Pairs per prompt: all (every pair of completions) or adjacent (0-1, 2-3, ...).")
+    format: str = option("trl", "Output form: trl (prompt/chosen/rejected) or vertex (input_text/candidate_0/1/choice).")
+
+    def __post_init__(self) -> None:
+        if self.tau <= 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+        if self.pairs not in ("all", "adjacent"):
+            raise ValueError(f"pairs must be 'all' or 'adjacent', got {self.pairs!r}")
+        if self.format not in ("trl", "vertex"):
+            raise ValueError(f"format must be 'trl' or 'vertex', got {self.format!r}")
+
+
+def run_label_judge(cfg: LabelJudgeConfig) -> dict:
+    from rlhfkit.data import load_candidates, preference_row, write_jsonl
+    from rlhfkit.judges import load_judge
+    from rlhfkit.labeling.simulated import judge_preferences, label_summary
+
+    candidates = load_candidates(cfg.candidates)
+    judge = load_judge(cfg.judge)
+    prefs = judge_preferences(candidates, judge, tau=cfg.tau, seed=cfg.seed, pairs=cfg.pairs)
+    write_jsonl(cfg.out, [preference_row(p, cfg.format) for p in prefs])
+    summary = {**label_summary(prefs), "written to": cfg.out}
+    _table(f"label judge ({cfg.judge})", summary)
+    return summary
+
+
+config_command(label_app, "judge", LabelJudgeConfig, run_label_judge, "Label candidates with a judge (a simulated labeler).")
+
+
+# ----------------------------------------------------------------------------------------------
+# rlhf reward train | eval | score
+
+
+def run_reward_train(cfg) -> dict:  # noqa: ANN001
+    from rlhfkit.reward import train_reward_model
+
+    return train_reward_model(cfg)
+
+
+@dataclass
+class RewardEvalConfig:
+    """Options of ``rlhf reward eval``."""
+
+    reward_model: str = option(REQUIRED, "Reward model directory from `rlhf reward train`.", required=True)
+    data: str = option(REQUIRED, "Preference dataset to evaluate on.", required=True)
+    max_length: int = option(256, "Longest prompt+completion in tokens.")
+
+
+def run_reward_eval(cfg: RewardEvalConfig) -> dict:
+    from rlhfkit.data import load_preferences
+    from rlhfkit.reward import evaluate_pairs, load_reward_model
+
+    records = load_preferences(cfg.data)
+    model, tokenizer, _ = load_reward_model(cfg.reward_model)
+    metrics = {"pairs": len(records), **evaluate_pairs(model, tokenizer, records, cfg.max_length)}
+    _table("reward eval", metrics)
+    return metrics
+
+
+@dataclass
+class RewardScoreConfig:
+    """Options of ``rlhf reward score``."""
+
+    reward_model: str = option(REQUIRED, "Reward model directory from `rlhf reward train`.", required=True)
+    prompt: str = option(REQUIRED, "Prompt text.", required=True)
+    completion: str = option(REQUIRED, "Completion text to score.", required=True)
+
+
+def run_reward_score(cfg: RewardScoreConfig) -> float:
+    from rlhfkit.reward import load_reward_model, score_texts
+
+    model, tokenizer, metrics = load_reward_model(cfg.reward_model)
+    score = score_texts(model, tokenizer, [cfg.prompt], [cfg.completion])[0]
+    mean, std = metrics.get("score_mean", 0.0), metrics.get("score_std", 1.0) or 1.0
+    console.print(f"score {score:.4f}  (normalised {(score - mean) / std:+.3f})")
+    return score
+
+
+def _register_reward() -> None:
+    from rlhfkit.reward import RewardTrainConfig
+
+    config_command(reward_app, "train", RewardTrainConfig, run_reward_train, "Train a reward model on preference pairs (Bradley-Terry).")
+    config_command(reward_app, "eval", RewardEvalConfig, run_reward_eval, "Pairwise accuracy of a reward model on a preference file.")
+    config_command(reward_app, "score", RewardScoreConfig, run_reward_score, "Score one (prompt, completion).")
+
+
+_register_reward()
+
+
+# ----------------------------------------------------------------------------------------------
+# rlhf demo
+
+
+@dataclass
+class DemoConfig:
+    """Options of ``rlhf demo``."""
+
+    out: str = option("runs/demo", "Directory for every stage's output.")
+    quick: bool = option(False, "Smaller settings that finish in minutes on a 2-core CPU.")
+    model: str = option(DEFAULT_MODEL, "Model for every stage.")
+    prompts: str = option("builtin:realtoxicity", "Prompt set; shuffled with the seed, the first prompts are used.")
+    num_prompts: int = option(0, "Prompts for preference data (0 = 200, or 64 with --quick).")
+    seed: int = option(0, "Seed of every stage.")
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Prompts -> generate -> label judge (nontoxic) -> reward train -> held-out reward eval."""
+    from rlhfkit.data import load_prompts, prompt_row, write_jsonl
+    from rlhfkit.reward import RewardTrainConfig
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    n = cfg.num_prompts or (64 if cfg.quick else 200)
+    prompts = load_prompts(cfg.prompts)
+    random.Random(cfg.seed).shuffle(prompts)  # builtin sets are grouped by category: mix them
+    write_jsonl(out / "prompts.jsonl", [prompt_row(p) for p in prompts[:n]])
+    started = time.perf_counter()
+    stages: dict[str, float] = {}
+
+    console.rule("1/3 generate candidates")
+    t = time.perf_counter()
+    run_generate(
+        GenerateConfig(prompts=str(out / "prompts.jsonl"), out=str(out / "candidates.jsonl"), model=cfg.model, seed=cfg.seed)
+    )
+    stages["generate seconds"] = time.perf_counter() - t
+
+    console.rule("2/3 label with the nontoxic judge")
+    t = time.perf_counter()
+    run_label_judge(
+        LabelJudgeConfig(candidates=str(out / "candidates.jsonl"), out=str(out / "preferences.jsonl"), seed=cfg.seed)
+    )
+    stages["label seconds"] = time.perf_counter() - t
+
+    console.rule("3/3 train the reward model")
+    t = time.perf_counter()
+    metrics = run_reward_train(
+        RewardTrainConfig(
+            data=str(out / "preferences.jsonl"),
+            out=str(out / "reward_model"),
+            model=cfg.model,
+            seed=cfg.seed,
+            epochs=2 if cfg.quick else 3,
+            eval_fraction=0.2,
+        )
+    )
+    stages["reward seconds"] = time.perf_counter() - t
+    summary = {
+        "prompts": n,
+        "reward eval accuracy": metrics["eval_accuracy"],
+        "reward seconds / 100 pairs": metrics["seconds_per_100_pairs"],
+        **stages,
+        "total seconds": time.perf_counter() - started,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _table("demo", summary)
+    return summary
+
+
+config_command(app, "demo", DemoConfig, run_demo, "The pipeline offline on the default model, one command.")
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*Triggered internally.*")
+    app()
+
+
+if __name__ == "__main__":
+    main()

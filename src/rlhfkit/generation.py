@@ -1,0 +1,151 @@
+"""The one batched sampler: candidate generation, PPO rollouts and evaluation all call it.
+
+Prompts are left-padded so every row's next token sits in the last column and one KV-cached
+``generate`` call serves the whole batch. Sampling is plain temperature / top-p (top-k off), the
+same distribution PPO later scores, so rollout and training log-probabilities agree.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from rlhfkit.data import Prompt
+from rlhfkit.models import format_prompt
+
+
+@dataclass
+class SamplingParams:
+    """How responses are drawn; ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:  # noqa: ANN001
+    """Token ids of each formatted prompt (the chat template already holds the special tokens)."""
+    texts = [format_prompt(tokenizer, p) for p in prompts]
+    add_special = not getattr(tokenizer, "chat_template", None)
+    return [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and their attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def sample_responses(
+    model: nn.Module,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    params: SamplingParams,
+    eos_id: int,
+    pad_id: int,
+) -> torch.Tensor:
+    """Response ids (B, T): everything after the first EOS is ``pad_id``; the EOS itself is kept."""
+    greedy = params.temperature == 0
+    out = model.generate(
+        input_ids=query_ids,
+        attention_mask=query_mask,
+        max_new_tokens=params.max_new_tokens,
+        do_sample=not greedy,
+        temperature=None if greedy else params.temperature,
+        top_p=None if greedy else params.top_p,
+        top_k=None if greedy else 0,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+    return truncate_after_eos(out[:, query_ids.shape[1] :], eos_id, pad_id)
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """Replace every token after the first EOS with padding (EOS and pad may be the same id)."""
+    is_eos = responses == eos_id
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    return responses.masked_fill(after_eos, pad_id)
+
+
+def response_lengths(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens per response (EOS included) and whether each one ended with EOS."""
+    is_eos = responses == eos_id
+    ended = is_eos.any(-1)
+    first_eos = torch.where(ended, is_eos.long().argmax(-1), torch.full_like(ended, responses.shape[1] - 1, dtype=torch.long))
+    return first_eos + 1, ended
+
+
+@dataclass
+class GenerationResult:
+    completions: list[list[str]]
+    """``num_completions`` texts per prompt, in prompt order."""
+    tokens: int
+    eos_count: int
+    seconds: float
+
+
+def generate_completions(
+    model: nn.Module,
+    tokenizer,  # noqa: ANN001
+    prompts: Sequence[Prompt],
+    num_completions: int,
+    params: SamplingParams,
+    batch_size: int = 16,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> GenerationResult:
+    """Sample ``num_completions`` per prompt, batching prompts of similar length together."""
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    encoded = encode_prompts(tokenizer, prompts)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    completions: list[list[str]] = [[] for _ in prompts]
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    tokens = eos_count = 0
+    progress = Progress(
+        TextColumn("[bold]generate"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        disable=not show_progress,
+    )
+    with progress:
+        task = progress.add_task("generate", total=len(prompts), rate="")
+        for b in range(math.ceil(len(order) / batch_size)):
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            rows = [encoded[i] for i in idx for _ in range(num_completions)]
+            ids, mask = left_pad(rows, pad_id)
+            responses = sample_responses(model, ids, mask, params, eos_id, pad_id)
+            lengths, ended = response_lengths(responses, eos_id)
+            tokens += int(lengths.sum())
+            eos_count += int(ended.sum())
+            for row, (response, n, done) in enumerate(zip(responses, lengths, ended, strict=True)):
+                kept = response[: int(n) - int(bool(done))]
+                completions[idx[row // num_completions]].append(
+                    tokenizer.decode(kept, skip_special_tokens=True)
+                )
+            elapsed = time.perf_counter() - start
+            progress.update(task, advance=len(idx), rate=f"{tokens / elapsed:.0f} tok/s")
+    return GenerationResult(completions, tokens, eos_count, time.perf_counter() - start)

@@ -1,0 +1,207 @@
+"""Judges: functions that score completions (higher = preferred), used as simulated labelers and metrics.
+
+A judge is ``fn(prompts, completions) -> scores``. Three are built in (``nontoxic``, ``sentiment``,
+``clean``); users bring their own as ``module.path:function`` or ``path/to/file.py:function``.
+Heavy libraries are imported on first use so that importing rlhfkit stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlhfkit.errors import RlhfkitError
+
+JudgeFn = Callable[[list[str], list[str]], list[float]]
+
+
+@dataclass
+class Judge:
+    """A named judge; calling it checks the scores so a buggy user judge fails loudly, not silently."""
+
+    name: str
+    fn: JudgeFn
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+        if len(prompts) != len(completions):
+            raise RlhfkitError(
+                f"judge {self.name!r}: got {len(prompts)} prompts but {len(completions)} completions"
+            )
+        scores = self.fn(list(prompts), list(completions))
+        try:
+            n_scores = len(scores)
+        except TypeError:
+            raise RlhfkitError(
+                f"judge {self.name!r} returned {type(scores).__name__}, expected a list of "
+                f"{len(completions)} floats"
+            ) from None
+        if n_scores != len(completions):
+            raise RlhfkitError(
+                f"judge {self.name!r} returned {n_scores} scores for {len(completions)} completions"
+            )
+        out = []
+        for i, score in enumerate(scores):
+            try:
+                value = float(score)
+            except (TypeError, ValueError):
+                raise RlhfkitError(
+                    f"judge {self.name!r} returned a non-number for completion {i}: {type(score).__name__}"
+                ) from None
+            if not math.isfinite(value):
+                raise RlhfkitError(
+                    f"judge {self.name!r} returned {value} for completion {i}; scores must be finite"
+                )
+            out.append(value)
+        return out
+
+
+@functools.cache
+def _predict_prob() -> Callable[[list[str]], Any]:
+    """Import alt-profanity-check once: the import itself loads the model (~1.7 s)."""
+    from profanity_check import predict_prob
+
+    return predict_prob
+
+
+def toxicity(completions: list[str]) -> list[float]:
+    """P(toxic) per text from alt-profanity-check (lower is better); an empty text is not toxic."""
+    probs = [0.0] * len(completions)
+    idx = [i for i, text in enumerate(completions) if text.strip()]
+    if idx:
+        predicted = _predict_prob()([completions[i] for i in idx])
+        for i, p in zip(idx, predicted, strict=True):
+            probs[i] = float(p)
+    return probs
+
+
+def nontoxic(prompts: list[str], completions: list[str]) -> list[float]:
+    """1 - P(toxic): rewards text a classifier trained on human-labelled comments finds inoffensive."""
+    return [1.0 - p for p in toxicity(completions)]
+
+
+@functools.cache
+def _vader() -> Any:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def sentiment(prompts: list[str], completions: list[str]) -> list[float]:
+    """VADER compound score in [-1, 1]: rewards positive, friendly text."""
+    analyzer = _vader()
+    return [float(analyzer.polarity_scores(text)["compound"]) for text in completions]
+
+
+class _BucketedWordset(list):
+    """better-profanity's word list, bucketed by (length, first character) for fast ``in``.
+
+    The library scans all ~900 entries for every word of the text (~2 ms a word); all its character
+    substitutions are one character long, so a match must share the length and an allowed first
+    character. Same answers, ~100x faster.
+    """
+
+    def __init__(self, words: list[Any], char_map: dict[str, tuple[str, ...]]) -> None:
+        super().__init__(words)
+        self._buckets: dict[tuple[int, str], list[Any]] = {}
+        for word in words:
+            original = str(word)
+            for first in char_map.get(original[0], (original[0],)):
+                self._buckets.setdefault((len(original), first), []).append(word)
+
+    def __contains__(self, text: object) -> bool:
+        if not isinstance(text, str) or not text:
+            return False
+        return any(word == text for word in self._buckets.get((len(text), text[0]), ()))
+
+
+@functools.cache
+def _profanity() -> Any:
+    from better_profanity import Profanity
+
+    profanity = Profanity()
+    mapping_is_per_char = all(len(c) == 1 for subs in profanity.CHARS_MAPPING.values() for c in subs)
+    if isinstance(profanity.CENSOR_WORDSET, list) and mapping_is_per_char:
+        profanity.CENSOR_WORDSET = _BucketedWordset(profanity.CENSOR_WORDSET, profanity.CHARS_MAPPING)
+    return profanity
+
+
+_MARK = "\ue000"  # private-use character: the censor mark, never in real text
+
+
+def clean(prompts: list[str], completions: list[str]) -> list[float]:
+    """1 - fraction of words on better-profanity's word list: rewards text free of swear words."""
+    profanity = _profanity()
+    scores = []
+    for text in completions:
+        n_words = len(text.split())
+        if n_words == 0:
+            scores.append(1.0)
+            continue
+        censored = profanity.censor(text, _MARK)
+        hits = censored.count(_MARK * 4) - text.count(_MARK * 4)
+        scores.append(1.0 - min(1.0, hits / n_words))
+    return scores
+
+
+BUILTIN_JUDGES: dict[str, tuple[JudgeFn, str]] = {
+    "nontoxic": (nontoxic, "1 - P(toxic) from alt-profanity-check (classifier trained on ~200k comments)"),
+    "sentiment": (sentiment, "VADER compound sentiment in [-1, 1] (vaderSentiment)"),
+    "clean": (clean, "1 - fraction of words on better-profanity's swear-word list"),
+}
+
+
+def _load_file_module(path: Path) -> Any:
+    """Import a .py file by path, registered in sys.modules so dataclasses/pickle inside it work."""
+    name = f"rlhfkit_user_judge_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise RlhfkitError(f"cannot load judge file {path}: not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as e:
+        del sys.modules[name]
+        raise RlhfkitError(f"cannot import judge file {path}: {e}") from None
+    return module
+
+
+def load_judge(spec: str) -> Judge:
+    """Resolve a built-in name, ``module.path:function`` or ``path/to/file.py:function`` to a Judge."""
+    spec = spec.strip()
+    if ":" not in spec:
+        if spec in BUILTIN_JUDGES:
+            return Judge(spec, BUILTIN_JUDGES[spec][0])
+        known = ", ".join(BUILTIN_JUDGES)
+        raise RlhfkitError(
+            f"unknown judge {spec!r}: use one of {known}, "
+            "or module.path:function, or path/to/file.py:function"
+        )
+    target, fn_name = spec.rsplit(":", 1)
+    if not target or not fn_name:
+        raise RlhfkitError(f"bad judge {spec!r}: expected module.path:function or path/to/file.py:function")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise RlhfkitError(f"judge file not found: {path}")
+        module = _load_file_module(path)
+        name = f"{path.name}:{fn_name}"
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise RlhfkitError(f"cannot import judge module {target!r}: {e}") from None
+        name = spec
+    if not hasattr(module, fn_name):
+        raise RlhfkitError(f"judge {spec!r}: module {target!r} has no attribute {fn_name!r}")
+    fn = getattr(module, fn_name)
+    if not callable(fn):
+        raise RlhfkitError(f"judge {spec!r}: {fn_name!r} is a {type(fn).__name__}, not a function")
+    return Judge(name, fn)

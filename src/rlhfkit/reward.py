@@ -1,0 +1,510 @@
+"""Reward model: a causal-LM trunk with a scalar head, trained on preference pairs.
+
+Recipe features and limits:
+
+- Score = ``head(h_last)``: the final hidden state at the last real token of
+  ``formatted prompt + completion + EOS`` (the EOS is always appended, so training text and PPO
+  rollouts end the same way). Padding side does not matter: positions come from the mask.
+- Loss: Bradley-Terry ``-log sigmoid(r_chosen - r_rejected - margin)``.
+- LoRA (peft) on the top ``trainable_layers`` layers by default; the frozen layers below run once
+  per sequence and their output is cached for every epoch (``cache_lower``), which is where the
+  speed on a CPU comes from. ``full`` fine-tunes every weight instead (no cache).
+- Held-out split by prompt (no prompt in both splits). The run directory keeps the adapter (or the
+  full model), ``head.safetensors``, ``config.yaml``, ``metrics.json`` (with ``score_mean`` /
+  ``score_std`` of training completions for PPO's reward normalisation), ``metrics.jsonl`` and a
+  model card.
+- Not yet: resuming an interrupted reward training (each epoch's trainable weights are saved under
+  ``checkpoints/`` so nothing trained is lost).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rlhfkit.config import REQUIRED, option, save_config
+from rlhfkit.data import Prompt, PreferenceRecord, load_preferences, prompt_text
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.generation import encode_prompts
+from rlhfkit.models import (
+    DEFAULT_MODEL,
+    final_hidden,
+    last_token_index,
+    lora_config,
+    load_causal_lm,
+    load_tokenizer,
+    lower_hidden,
+    num_layers,
+    upper_hidden,
+)
+
+console = Console(stderr=True)
+
+
+@dataclass
+class RewardTrainConfig:
+    """Options of ``rlhf reward train``."""
+
+    data: str = option(REQUIRED, "Preference dataset (TRL or Vertex form; .jsonl/.json/.parquet).", required=True)
+    out: str = option(REQUIRED, "Output directory for the reward model.", required=True)
+    model: str = option(DEFAULT_MODEL, "Backbone: smollm2-135m, tiny-random, a model directory or org/name.")
+    epochs: int = option(2, "Passes over the training pairs.")
+    batch_size: int = option(16, "Pairs per optimizer step.")
+    learning_rate: float = option(3e-4, "Peak learning rate (linear warmup, then linear decay).")
+    warmup_fraction: float = option(0.1, "Fraction of the steps spent warming the learning rate up.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm.")
+    eval_fraction: float = option(0.1, "Fraction of prompts held out for evaluation.")
+    seed: int = option(0, "Seed for the split, the head init and the shuffling.")
+    full: bool = option(False, "Fine-tune every weight instead of LoRA adapters.")
+    lora_r: int = option(16, "LoRA rank.")
+    lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r).")
+    trainable_layers: int = option(4, "LoRA on the top N transformer layers only (0 = every layer).")
+    cache_lower: bool = option(True, "Run the frozen lower layers once and reuse their output each epoch.")
+    max_length: int = option(256, "Longest prompt+completion in tokens; longer ones are cut.")
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.trainable_layers < 0:
+            raise ValueError("trainable_layers must be >= 0")
+
+
+def bradley_terry_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean of ``-log sigmoid(r_chosen - r_rejected - margin)``."""
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff).mean()
+
+
+def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
+    """Fraction of pairs ranked right; a tie counts half."""
+    wins = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+    return float(wins.mean())
+
+
+def join_for_reward(prompt_ids: Sequence[int], completion_ids: Sequence[int], eos_id: int, max_length: int) -> list[int]:
+    """``prompt + completion + EOS``, cut to ``max_length`` (completion first, then prompt from the left)."""
+    completion = [t for t in completion_ids if t != eos_id]
+    room = max_length - 1
+    prompt = list(prompt_ids)
+    if len(prompt) > room // 2 and len(prompt) + len(completion) > room:
+        prompt = prompt[-max(room // 2, room - len(completion)) :]
+    completion = completion[: room - len(prompt)]
+    return [*prompt, *completion, eos_id]
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+class RewardModel(nn.Module):
+    """A trunk (plain or peft-wrapped causal LM) and a scalar head read at the last real token.
+
+    ``split`` is the index of the first layer that can change during training: the output of the
+    layers below it can be computed once (``lower``) and reused (``score_from_lower``).
+    """
+
+    def __init__(self, trunk: nn.Module, head: nn.Linear, split: int = 0) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.head = head
+        self.split = split
+
+    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        last = last_token_index(attention_mask)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.head(pooled).squeeze(-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self._pool(final_hidden(self.trunk, input_ids, attention_mask), attention_mask)
+
+    def lower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return lower_hidden(self.trunk, input_ids, attention_mask, self.split)
+
+    def score_from_lower(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self._pool(upper_hidden(self.trunk, hidden, attention_mask, self.split), attention_mask)
+
+
+def new_head(hidden_size: int, seed: int) -> nn.Linear:
+    """Small random init (std 1/sqrt(d+1)), as in Stiennon et al., so initial scores are near 0."""
+    generator = torch.Generator().manual_seed(seed)
+    head = nn.Linear(hidden_size, 1)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) / math.sqrt(hidden_size + 1))
+        head.bias.zero_()
+    return head
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and scoring
+
+
+def load_reward_model(path: str | Path) -> tuple[RewardModel, object, dict]:
+    """A trained reward model directory as (model, tokenizer, metrics)."""
+    folder = Path(path)
+    if not (folder / "head.safetensors").exists() or not (folder / "config.yaml").exists():
+        raise RlhfkitError(f"{folder}: not a reward model directory (needs head.safetensors and config.yaml)")
+    import yaml
+
+    cfg = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else {}
+    if (folder / "model").is_dir():
+        trunk = load_causal_lm(str(folder / "model"))
+        tokenizer = load_tokenizer(str(folder / "model"))
+    else:
+        from peft import PeftModel
+
+        trunk = PeftModel.from_pretrained(load_causal_lm(cfg["model"]), folder / "adapter", adapter_name="reward")
+        tokenizer = load_tokenizer(cfg["model"])
+    head_state = load_file(folder / "head.safetensors")
+    head = nn.Linear(head_state["weight"].shape[1], 1)
+    head.load_state_dict(head_state)
+    model = RewardModel(trunk, head).eval()
+    return model, tokenizer, metrics
+
+
+def encode_pairs(tokenizer, records: Sequence[PreferenceRecord], max_length: int) -> list[tuple[list[int], list[int]]]:  # noqa: ANN001
+    """(chosen ids, rejected ids) per pair, each formatted prompt tokenised once per prompt."""
+    prompt_cache: dict[str, list[int]] = {}
+    eos = tokenizer.eos_token_id
+    out = []
+    for rec in records:
+        key = json.dumps(rec.prompt)
+        if key not in prompt_cache:
+            prompt_cache[key] = encode_prompts(tokenizer, [rec.prompt])[0]
+        p = prompt_cache[key]
+        chosen = tokenizer(rec.chosen, add_special_tokens=False)["input_ids"]
+        rejected = tokenizer(rec.rejected, add_special_tokens=False)["input_ids"]
+        out.append((join_for_reward(p, chosen, eos, max_length), join_for_reward(p, rejected, eos, max_length)))
+    return out
+
+
+@torch.no_grad()
+def score_sequences(model: RewardModel, rows: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16) -> list[float]:
+    """Raw scores of token sequences, batched by length."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    scores = [0.0] * len(rows)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ids, mask = right_pad([rows[i] for i in idx], pad_id)
+        for i, s in zip(idx, model(ids, mask).tolist(), strict=True):
+            scores[i] = s
+    return scores
+
+
+def score_texts(
+    model: RewardModel,
+    tokenizer,  # noqa: ANN001
+    prompts: Sequence[Prompt],
+    completions: Sequence[str],
+    max_length: int = 256,
+    batch_size: int = 16,
+) -> list[float]:
+    """Raw reward-model scores for (prompt, completion) pairs."""
+    eos = tokenizer.eos_token_id
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    rows = [
+        join_for_reward(p, tokenizer(c, add_special_tokens=False)["input_ids"], eos, max_length)
+        for p, c in zip(prompt_ids, completions, strict=True)
+    ]
+    return score_sequences(model, rows, tokenizer.pad_token_id, batch_size)
+
+
+def evaluate_pairs(model: RewardModel, tokenizer, records: Sequence[PreferenceRecord], max_length: int = 256) -> dict[str, float]:  # noqa: ANN001
+    """Accuracy, loss and mean margin of a reward model on preference pairs."""
+    pairs = encode_pairs(tokenizer, records, max_length)
+    flat = [seq for pair in pairs for seq in pair]
+    scores = torch.tensor(score_sequences(model, flat, tokenizer.pad_token_id))
+    return _pair_metrics(scores[0::2], scores[1::2], torch.tensor([r.margin for r in records]))
+
+
+def _pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor) -> dict[str, float]:
+    return {
+        "accuracy": pairwise_accuracy(chosen, rejected),
+        "loss": float(bradley_terry_loss(chosen, rejected, margin)),
+        "mean_margin": float((chosen - rejected).mean()),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def split_by_prompt(records: Sequence[PreferenceRecord], eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Train and eval indices with every prompt's pairs on one side only."""
+    groups: dict[str, list[int]] = {}
+    for i, rec in enumerate(records):
+        groups.setdefault(json.dumps(prompt_text(rec.prompt)), []).append(i)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    n_eval = round(len(keys) * eval_fraction)
+    if eval_fraction > 0 and n_eval == 0 and len(keys) > 1:
+        n_eval = 1
+    eval_idx = sorted(i for k in keys[:n_eval] for i in groups[k])
+    train_idx = sorted(i for k in keys[n_eval:] for i in groups[k])
+    return train_idx, eval_idx
+
+
+def _flat(pair_idx: Sequence[int]) -> list[int]:
+    """Pair indices to sequence indices: pair i is sequences 2i (chosen) and 2i+1 (rejected)."""
+    return [j for i in pair_idx for j in (2 * i, 2 * i + 1)]
+
+
+def _pad_hidden(hiddens: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(h.shape[0] for h in hiddens)
+    out = hiddens[0].new_zeros((len(hiddens), width, hiddens[0].shape[-1]))
+    mask = torch.zeros((len(hiddens), width), dtype=torch.long)
+    for i, h in enumerate(hiddens):
+        out[i, : h.shape[0]] = h
+        mask[i, : h.shape[0]] = 1
+    return out, mask
+
+
+def _progress(label: str) -> Progress:
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+class _Scorer:
+    """Scores (flattened) sequences by index, from the lower-layer cache when there is one."""
+
+    def __init__(self, model: RewardModel, seqs: list[list[int]], pad_id: int, cache: list[torch.Tensor] | None):
+        self.model, self.seqs, self.pad_id, self.cache = model, seqs, pad_id, cache
+
+    def __call__(self, idx: Sequence[int]) -> torch.Tensor:
+        if self.cache is not None:
+            hidden, mask = _pad_hidden([self.cache[i] for i in idx])
+            return self.model.score_from_lower(hidden, mask)
+        ids, mask = right_pad([self.seqs[i] for i in idx], self.pad_id)
+        return self.model(ids, mask)
+
+    @torch.no_grad()
+    def all(self, idx: Sequence[int], batch_size: int = 32) -> torch.Tensor:
+        order = sorted(idx, key=lambda i: len(self.seqs[i]))
+        out = {}
+        for s in range(0, len(order), batch_size):
+            chunk = order[s : s + batch_size]
+            out.update(zip(chunk, self(chunk).tolist(), strict=True))
+        return torch.tensor([out[i] for i in idx])
+
+
+@torch.no_grad()
+def _cache_lower(model: RewardModel, seqs: list[list[int]], pad_id: int, batch_size: int = 32) -> list[torch.Tensor]:
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    cache: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+    with _progress("cache frozen layers") as progress:
+        task = progress.add_task("cache", total=len(seqs), info="")
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            ids, mask = right_pad([seqs[i] for i in idx], pad_id)
+            hidden = model.lower(ids, mask)
+            for row, i in enumerate(idx):
+                cache[i] = hidden[row, : len(seqs[i])].clone()
+            progress.update(task, advance=len(idx))
+    return cache
+
+
+def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dict:
+    """Train, evaluate and save a reward model; returns its metrics."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    records = load_preferences(cfg.data)
+    train_idx, eval_idx = split_by_prompt(records, cfg.eval_fraction, cfg.seed)
+    if not train_idx:
+        raise RlhfkitError(f"{cfg.data}: no training pairs left after holding out {cfg.eval_fraction:.0%}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    accelerator = Accelerator()
+    set_seed(cfg.seed)
+    started = time.perf_counter()
+
+    tokenizer = load_tokenizer(cfg.model)
+    base = load_causal_lm(cfg.model)
+    n_layers = num_layers(base)
+    trainable_layers = n_layers if cfg.trainable_layers == 0 else min(cfg.trainable_layers, n_layers)
+    if cfg.full:
+        trunk, split = base, 0
+        trunk.requires_grad_(True)
+    else:
+        from peft import get_peft_model
+
+        split = n_layers - trainable_layers
+        base.requires_grad_(False)
+        trunk = get_peft_model(base, lora_config(base, cfg.lora_r, cfg.lora_alpha, first_layer=split))
+    model = RewardModel(trunk, new_head(base.config.hidden_size, cfg.seed), split)
+
+    pairs = encode_pairs(tokenizer, records, cfg.max_length)
+    seqs = [seq for pair in pairs for seq in pair]  # pair i -> sequences 2i (chosen), 2i+1 (rejected)
+    margins = torch.tensor([r.margin for r in records], dtype=torch.float32)
+    use_cache = cfg.cache_lower and not cfg.full and split > 0
+    cache = _cache_lower(model, seqs, tokenizer.pad_token_id) if use_cache else None
+    cache_seconds = time.perf_counter() - started
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = max(1, round(total_steps * cfg.warmup_fraction))
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    loader = torch.utils.data.DataLoader(
+        train_idx, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed)
+    )
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    scorer = _Scorer(accelerator.unwrap_model(model), seqs, tokenizer.pad_token_id, cache)
+
+    log = (out / "metrics.jsonl").open("w", encoding="utf-8")
+    step, train_seconds, eval_metrics = 0, 0.0, {}
+    with _progress("reward train") as progress:
+        task = progress.add_task("train", total=total_steps, info="")
+        for epoch in range(cfg.epochs):
+            model.train()
+            for batch in loader:
+                t0 = time.perf_counter()
+                pair_idx = [int(i) for i in batch]
+                scores = scorer(_flat(pair_idx))
+                chosen, rejected = scores[0::2], scores[1::2]
+                loss = bradley_terry_loss(chosen, rejected, margins[pair_idx])
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                step += 1
+                seconds = time.perf_counter() - t0
+                train_seconds += seconds
+                row = {
+                    "step": step,
+                    "epoch": epoch + (step - epoch * steps_per_epoch) / steps_per_epoch,
+                    "loss": float(loss.detach()),
+                    "accuracy": pairwise_accuracy(chosen.detach(), rejected.detach()),
+                    "learning_rate": scheduler.get_last_lr()[0],
+                    "seconds": seconds,
+                }
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                progress.update(task, advance=1, info=f"loss {row['loss']:.3f} acc {row['accuracy']:.2f}")
+            model.eval()
+            if eval_idx:
+                s = scorer.all(_flat(eval_idx))
+                eval_metrics = _pair_metrics(s[0::2], s[1::2], margins[eval_idx])
+                log.write(json.dumps({"step": step, "epoch": epoch + 1, **{f"eval_{k}": v for k, v in eval_metrics.items()}}) + "\n")
+                log.flush()
+            _save_trainable(accelerator.unwrap_model(model), out / "checkpoints" / "last", cfg.full)
+    log.close()
+
+    model = accelerator.unwrap_model(model).eval()
+    train_scores = scorer.all(_flat(train_idx))
+    n_trained = len(train_idx) * cfg.epochs
+    metrics = {
+        "eval_accuracy": eval_metrics.get("accuracy"),
+        "eval_loss": eval_metrics.get("loss"),
+        "mean_margin": eval_metrics.get("mean_margin"),
+        "train_accuracy": pairwise_accuracy(train_scores[0::2], train_scores[1::2]),
+        "score_mean": float(train_scores.mean()),
+        "score_std": float(train_scores.std()) if len(train_scores) > 1 else 1.0,
+        "train_pairs": len(train_idx),
+        "eval_pairs": len(eval_idx),
+        "epochs": cfg.epochs,
+        "cache_seconds": round(cache_seconds, 2),
+        "train_seconds": round(train_seconds, 2),
+        "seconds_per_100_pairs": round(100 * train_seconds / n_trained, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
+    _save_reward_model(model, tokenizer, out, cfg)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _write_model_card(out, cfg, metrics)
+    if show_summary:
+        print_metrics("reward model", metrics)
+    return metrics
+
+
+def _trainable_state(model: RewardModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def _save_trainable(model: RewardModel, folder: Path, full: bool) -> None:
+    if full:
+        return  # a full copy per epoch would be the whole model again; the final save has it
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(_trainable_state(model), folder / "trainable.safetensors")
+
+
+def _save_reward_model(model: RewardModel, tokenizer, out: Path, cfg: RewardTrainConfig) -> None:  # noqa: ANN001
+    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, out / "head.safetensors")
+    if cfg.full:
+        model.trunk.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+    else:
+        model.trunk.save_pretrained(out / "adapter")
+
+
+def _write_model_card(out: Path, cfg: RewardTrainConfig, metrics: dict) -> None:
+    kind = "full fine-tune" if cfg.full else f"LoRA r={cfg.lora_r} on the top {cfg.trainable_layers or 'all'} layers"
+    lines = [
+        f"# Reward model ({cfg.model})",
+        "",
+        "Trained by `rlhf reward train` (rlhfkit) with a pairwise Bradley-Terry loss.",
+        "",
+        f"- base model: `{cfg.model}` ({kind})",
+        f"- data: `{cfg.data}` ({metrics['train_pairs']} training pairs, {metrics['eval_pairs']} held out)",
+        f"- epochs {cfg.epochs}, batch {cfg.batch_size}, learning rate {cfg.learning_rate}, seed {cfg.seed}",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
+    lines += ["", "Use: `rlhf reward score --reward-model DIR --prompt P --completion C`.", ""]
+    (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def print_metrics(title: str, metrics: dict) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, _fmt(value))
+    Console().print(table)
+

@@ -1,0 +1,134 @@
+"""Built-in judges rank obvious cases right; user judges load; every load/validation error is one line."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.judges import BUILTIN_JUDGES, Judge, clean, load_judge, toxicity
+
+GOOD = "Thank you so much for your help, I really appreciate it. Have a wonderful day!"
+# Mild on purpose; never printed (pytest only shows it if an assert on it fails).
+RUDE = "You are a stupid idiot and I hate you, damn it."
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_JUDGES))
+def test_builtin_judge_prefers_good_text(name: str) -> None:
+    judge = load_judge(name)
+    good, rude = judge(["", ""], [GOOD, RUDE])
+    assert good > rude, f"{name} ranked the rude text higher"
+
+
+def test_builtin_names_and_descriptions() -> None:
+    assert set(BUILTIN_JUDGES) == {"nontoxic", "sentiment", "clean"}
+    assert all(callable(fn) and desc for fn, desc in BUILTIN_JUDGES.values())
+
+
+def test_toxicity_is_a_probability_and_empty_text_is_not_toxic() -> None:
+    probs = toxicity(["", "   ", GOOD, RUDE])
+    assert probs[:2] == [0.0, 0.0]
+    assert all(0.0 <= p <= 1.0 for p in probs)
+    assert probs[3] > 0.5 > probs[2]
+    assert toxicity([]) == []
+
+
+def test_clean_is_one_minus_hit_rate() -> None:
+    assert clean(["", "", ""], ["", "a lovely morning", "what the hell"]) == pytest.approx([1.0, 1.0, 2 / 3])
+
+
+def test_sentiment_in_range() -> None:
+    scores = load_judge("sentiment")(["", ""], ["", GOOD])
+    assert scores[0] == 0.0
+    assert -1.0 <= scores[1] <= 1.0
+
+
+def test_user_judge_from_file(tmp_path: Path) -> None:
+    path = tmp_path / "my_judges.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            def length(prompts, completions):
+                return [float(len(c)) for c in completions]
+
+            def echo_prompt(prompts, completions):
+                return [float(len(p)) for p in prompts]
+            """
+        )
+    )
+    judge = load_judge(f"{path}:length")
+    assert judge.name == "my_judges.py:length"
+    assert judge(["p", "p"], ["ab", "abcd"]) == [2.0, 4.0]
+    assert load_judge(f"{path}:echo_prompt")(["abc"], ["x"]) == [3.0]
+
+
+def test_user_judge_from_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "rlhfkit_test_judge_mod.py").write_text(
+        "import numpy as np\n\ndef shout(prompts, completions):\n"
+        "    return np.array([c.count('!') for c in completions], dtype=float)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    judge = load_judge("rlhfkit_test_judge_mod:shout")
+    assert judge.name == "rlhfkit_test_judge_mod:shout"
+    scores = judge(["", ""], ["hi!!", "hi"])
+    assert scores == [2.0, 0.0] and all(type(s) is float for s in scores)
+
+
+def test_builtin_reachable_by_module_path() -> None:
+    assert load_judge("rlhfkit.judges:clean")([""], ["fine words"]) == [1.0]
+
+
+def _error(spec: str) -> str:
+    with pytest.raises(RlhfkitError) as info:
+        load_judge(spec)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_load_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    message = _error("friendliness")
+    assert all(name in message for name in BUILTIN_JUDGES) and "module.path:function" in message
+
+    assert "no_such_module_xyz" in _error("no_such_module_xyz:score")
+    assert "file not found" in _error(f"{tmp_path / 'missing.py'}:score")
+    assert "bad judge" in _error("rlhfkit.judges:")
+
+    (tmp_path / "rlhfkit_test_judge_errs.py").write_text("THRESHOLD = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "no attribute 'score'" in _error("rlhfkit_test_judge_errs:score")
+    assert "not a function" in _error("rlhfkit_test_judge_errs:THRESHOLD")
+
+    broken = tmp_path / "broken.py"
+    broken.write_text("import no_such_dependency_xyz\n")
+    assert "no_such_dependency_xyz" in _error(f"{broken}:score")
+
+
+def test_judge_validates_inputs_and_outputs() -> None:
+    def constant(value: object) -> Judge:
+        return Judge("stub", lambda prompts, completions: value)
+
+    cases = {
+        "2 prompts but 1 completions": lambda: constant([1.0])(["a", "b"], ["x"]),
+        "returned 1 scores for 2": lambda: constant([1.0])(["a", "b"], ["x", "y"]),
+        "must be finite": lambda: constant([1.0, math.nan])(["a", "b"], ["x", "y"]),
+        "non-number": lambda: constant(["high"])(["a"], ["x"]),
+        "expected a list": lambda: constant(0.5)(["a"], ["x"]),
+    }
+    for expected, call in cases.items():
+        with pytest.raises(RlhfkitError, match="stub") as info:
+            call()
+        assert expected in str(info.value)
+
+
+def test_clean_speedup_keeps_better_profanity_answers() -> None:
+    from better_profanity import Profanity
+
+    from rlhfkit.judges import _MARK, _profanity
+
+    texts = ["what the h3ll", "D@MN it", "oh crap, a lovely day", "hell-o world", "", "class assignment"]
+    reference = Profanity()
+    assert [_profanity().censor(t, _MARK) for t in texts] == [reference.censor(t, _MARK) for t in texts]
