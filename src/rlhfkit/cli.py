@@ -16,6 +16,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from rlhfkit.config import REQUIRED, config_command, exit_on_user_error, option, save_config
 from rlhfkit.models import DEFAULT_MODEL
@@ -40,7 +41,7 @@ def _table(title: str, rows: dict[str, object]) -> None:
     table.add_column("")
     table.add_column("", justify="right")
     for key, value in rows.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        table.add_row(key, Text(f"{value:.4g}" if isinstance(value, float) else str(value)))
     console.print(table)
 
 
@@ -50,14 +51,18 @@ def _table(title: str, rows: dict[str, object]) -> None:
 
 @data_app.command("check")
 def data_check(
-    file: str = typer.Argument(..., help="Prompt, candidate or preference file (.jsonl/.json/.parquet) or builtin:NAME."),
+    file: str = typer.Argument(
+        ..., help="Prompt, candidate or preference file (.jsonl/.json/.parquet) or builtin:NAME."
+    ),
 ) -> None:
     """Validate a dataset file: print its detected kind and row count; exit non-zero on any error."""
     from rlhfkit.data import load_dataset
 
     with exit_on_user_error():
         dataset = load_dataset(file)
-    console.print(f"{file}: {dataset.kind} ({dataset.fmt}), {len(dataset.records)} rows")
+    console.print(
+        f"{file}: {dataset.kind} ({dataset.fmt}), {len(dataset.records)} rows", markup=False, highlight=False
+    )
 
 
 @data_app.command("builtins")
@@ -124,7 +129,9 @@ def run_generate(cfg: GenerateConfig) -> dict:
     return summary
 
 
-config_command(app, "generate", GenerateConfig, run_generate, "Sample K completions per prompt into a candidates file.")
+config_command(
+    app, "generate", GenerateConfig, run_generate, "Sample K completions per prompt into a candidates file."
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,8 +147,12 @@ class LabelJudgeConfig:
     judge: str = option("nontoxic", "Judge: nontoxic, sentiment, clean, module:function or file.py:function.")
     tau: float = option(0.1, "Labeler noise: P(a preferred) = sigmoid((s_a - s_b) / tau).")
     seed: int = option(0, "Seed of the simulated labeler's choices.")
-    pairs: str = option("all", "Pairs per prompt: all (every pair of completions) or adjacent (0-1, 2-3, ...).")
-    format: str = option("trl", "Output form: trl (prompt/chosen/rejected) or vertex (input_text/candidate_0/1/choice).")
+    pairs: str = option(
+        "all", "Pairs per prompt: all (every pair of completions) or adjacent (0-1, 2-3, ...)."
+    )
+    format: str = option(
+        "trl", "Output form: trl (prompt/chosen/rejected) or vertex (input_text/candidate_0/1/choice)."
+    )
 
     def __post_init__(self) -> None:
         if self.tau <= 0:
@@ -166,14 +177,20 @@ def run_label_judge(cfg: LabelJudgeConfig) -> dict:
     return summary
 
 
-config_command(label_app, "judge", LabelJudgeConfig, run_label_judge, "Label candidates with a judge (a simulated labeler).")
+config_command(
+    label_app,
+    "judge",
+    LabelJudgeConfig,
+    run_label_judge,
+    "Label candidates with a judge (a simulated labeler).",
+)
 
 
 # ----------------------------------------------------------------------------------------------
 # rlhf reward train | eval | score
 
 
-def run_reward_train(cfg) -> dict:  # noqa: ANN001
+def run_reward_train(cfg) -> dict:
     from rlhfkit.reward import train_reward_model
 
     return train_reward_model(cfg)
@@ -221,9 +238,23 @@ def run_reward_score(cfg: RewardScoreConfig) -> float:
 def _register_reward() -> None:
     from rlhfkit.reward import RewardTrainConfig
 
-    config_command(reward_app, "train", RewardTrainConfig, run_reward_train, "Train a reward model on preference pairs (Bradley-Terry).")
-    config_command(reward_app, "eval", RewardEvalConfig, run_reward_eval, "Pairwise accuracy of a reward model on a preference file.")
-    config_command(reward_app, "score", RewardScoreConfig, run_reward_score, "Score one (prompt, completion).")
+    config_command(
+        reward_app,
+        "train",
+        RewardTrainConfig,
+        run_reward_train,
+        "Train a reward model on preference pairs (Bradley-Terry).",
+    )
+    config_command(
+        reward_app,
+        "eval",
+        RewardEvalConfig,
+        run_reward_eval,
+        "Pairwise accuracy of a reward model on a preference file.",
+    )
+    config_command(
+        reward_app, "score", RewardScoreConfig, run_reward_score, "Score one (prompt, completion)."
+    )
 
 
 _register_reward()
@@ -240,7 +271,9 @@ class DemoConfig:
     out: str = option("runs/demo", "Directory for every stage's output.")
     quick: bool = option(False, "Smaller settings that finish in minutes on a 2-core CPU.")
     model: str = option(DEFAULT_MODEL, "Model for every stage.")
-    prompts: str = option("builtin:realtoxicity", "Prompt set; shuffled with the seed, the first prompts are used.")
+    prompts: str = option(
+        "builtin:realtoxicity", "Prompt set; shuffled with the seed, the first prompts are used."
+    )
     num_prompts: int = option(0, "Prompts for preference data (0 = 200, or 64 with --quick).")
     seed: int = option(0, "Seed of every stage.")
 
@@ -263,14 +296,21 @@ def run_demo(cfg: DemoConfig) -> dict:
     console.rule("1/3 generate candidates")
     t = time.perf_counter()
     run_generate(
-        GenerateConfig(prompts=str(out / "prompts.jsonl"), out=str(out / "candidates.jsonl"), model=cfg.model, seed=cfg.seed)
+        GenerateConfig(
+            prompts=str(out / "prompts.jsonl"),
+            out=str(out / "candidates.jsonl"),
+            model=cfg.model,
+            seed=cfg.seed,
+        )
     )
     stages["generate seconds"] = time.perf_counter() - t
 
     console.rule("2/3 label with the nontoxic judge")
     t = time.perf_counter()
     run_label_judge(
-        LabelJudgeConfig(candidates=str(out / "candidates.jsonl"), out=str(out / "preferences.jsonl"), seed=cfg.seed)
+        LabelJudgeConfig(
+            candidates=str(out / "candidates.jsonl"), out=str(out / "preferences.jsonl"), seed=cfg.seed
+        )
     )
     stages["label seconds"] = time.perf_counter() - t
 

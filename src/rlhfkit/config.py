@@ -50,6 +50,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check a YAML value against the field type, converting the harmless cases (int -> float)."""
     target = _unwrap_optional(annotation)
     if value is None:
+        if target is annotation:
+            raise RlhfkitError(f"{where}: expected {getattr(target, '__name__', target)}, got null")
         return None
     if target is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -82,7 +84,7 @@ def resolve_config(cls: type[C], config_file: Path | None, overrides: dict[str, 
         if value is not None and key in names:
             values[key] = _coerce(value, hints[key], f"--{key.replace('_', '-')}")
     for f in dataclasses.fields(cls):
-        if f.metadata.get("required") and values.get(f.name, f.default) in (None, "", []):
+        if f.metadata.get("required") and values.get(f.name) in (None, "", []):
             flag = "--" + f.name.replace("_", "-")
             raise RlhfkitError(f"missing required option {flag} (or '{f.name}:' in --config FILE.yaml)")
     try:
@@ -98,6 +100,8 @@ def load_yaml_config(cls: type, path: Path) -> dict[str, Any]:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError as exc:
         raise RlhfkitError(f"{path}: config file not found") from exc
+    except OSError as exc:
+        raise RlhfkitError(f"{path}: cannot read config file ({exc.strerror})") from exc
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise RlhfkitError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from exc
     if not isinstance(raw, dict):
@@ -123,13 +127,11 @@ def exit_on_user_error() -> Iterator[None]:
     try:
         yield
     except RlhfkitError as exc:
-        Console(stderr=True).print(Text("error: ", style="bold red") + Text(str(exc)))
+        Console(stderr=True, soft_wrap=True).print(Text("error: ", style="bold red") + Text(str(exc)))
         raise typer.Exit(2) from None
 
 
-def config_command(
-    group: typer.Typer, name: str, cls: type[C], run: Callable[[C], Any], help: str
-) -> None:
+def config_command(group: typer.Typer, name: str, cls: type[C], run: Callable[[C], Any], help: str) -> None:
     """Register ``run`` as ``group``'s command ``name`` with one flag per field of ``cls``."""
     hints = _field_types(cls)
     params = []
@@ -141,12 +143,13 @@ def config_command(
         required = f.metadata.get("required", False)
         decls = [f"{flag}/--no-{flag[2:]}"] if annotation is bool else [flag]
         show = False if required or default in (None, "") else str(default)
-        opt = typer.Option(
-            None, *decls, help=text + (" (required)" if required else ""), show_default=show
-        )
+        opt = typer.Option(None, *decls, help=text + (" (required)" if required else ""), show_default=show)
         params.append(
             inspect.Parameter(
-                f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=typing.Optional[annotation]  # noqa: UP045
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=opt,
+                annotation=typing.Optional[annotation],  # noqa: UP045
             )
         )
     params.append(

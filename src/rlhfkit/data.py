@@ -223,7 +223,7 @@ def _read(path: str | Path) -> tuple[str, str, list[tuple[int, dict[str, Any]]]]
         else:
             unit, rows = "", _jsonl_rows(shown, data)
     if not rows:
-        _fail(shown, "empty file (no rows); expected one JSON object per line")
+        _fail(shown, "empty file (no rows)")
     for n, row in rows:
         if not isinstance(row, dict):
             _fail(_loc(shown, unit, n), f"expected a JSON object {{...}}, got {_type_name(row)}")
@@ -377,7 +377,10 @@ def _candidate_record(row: dict[str, Any], where: str) -> CandidateRecord:
     if not isinstance(completions, list) or not completions:
         got = "an empty array" if isinstance(completions, list) else _type_name(completions)
         _fail(where, f"field 'completions': expected a non-empty array of strings, got {got}")
-    texts = [_text(c, f"completions[{i}]", where) for i, c in enumerate(completions)]
+    for i, c in enumerate(completions):  # an empty string is a real model output (instant EOS): kept
+        if not isinstance(c, str):
+            _wrong(where, f"completions[{i}]", "a string", c)
+    texts = list(completions)
     model = row.get("model")
     if model is not None and not isinstance(model, str):
         _wrong(where, "model", "a string or null", model)

@@ -37,7 +37,7 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:  # noqa: ANN001
+def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
     """Token ids of each formatted prompt (the chat template already holds the special tokens)."""
     texts = [format_prompt(tokenizer, p) for p in prompts]
     add_special = not getattr(tokenizer, "chat_template", None)
@@ -92,7 +92,9 @@ def response_lengths(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor
     """Tokens per response (EOS included) and whether each one ended with EOS."""
     is_eos = responses == eos_id
     ended = is_eos.any(-1)
-    first_eos = torch.where(ended, is_eos.long().argmax(-1), torch.full_like(ended, responses.shape[1] - 1, dtype=torch.long))
+    first_eos = torch.where(
+        ended, is_eos.long().argmax(-1), torch.full_like(ended, responses.shape[1] - 1, dtype=torch.long)
+    )
     return first_eos + 1, ended
 
 
@@ -107,7 +109,7 @@ class GenerationResult:
 
 def generate_completions(
     model: nn.Module,
-    tokenizer,  # noqa: ANN001
+    tokenizer,
     prompts: Sequence[Prompt],
     num_completions: int,
     params: SamplingParams,

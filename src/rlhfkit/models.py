@@ -141,7 +141,7 @@ def resolve_model_path(name: str) -> str:
     raise RlhfkitError(f"model '{name}': not found (expected one of {known}, a model directory or org/name)")
 
 
-def load_tokenizer(name: str):  # noqa: ANN201 - transformers tokenizer classes vary
+def load_tokenizer(name: str):
     """Tokenizer with a pad token and left padding (what batched generation needs)."""
     from transformers import AutoTokenizer
 
@@ -177,7 +177,7 @@ def disable_dropout(model: nn.Module) -> None:
             setattr(config, key, 0.0)
 
 
-def format_prompt(tokenizer, prompt: str | list[dict[str, str]]) -> str:  # noqa: ANN001
+def format_prompt(tokenizer, prompt: str | list[dict[str, str]]) -> str:
     """The text the model sees: the chat template for chat models, the plain text otherwise."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
@@ -219,7 +219,7 @@ def num_layers(model: nn.Module) -> int:
     return len(decoder_of(model).layers)
 
 
-def lora_config(model: nn.Module, r: int, alpha: int, first_layer: int = 0):  # noqa: ANN201
+def lora_config(model: nn.Module, r: int, alpha: int, first_layer: int = 0):
     """LoRA on every linear layer of the decoder layers from ``first_layer`` up (not the LM head).
 
     Adapters only on the top layers keep the lower layers frozen and identical for every role,

@@ -36,16 +36,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rlhfkit.config import REQUIRED, option, save_config
-from rlhfkit.data import Prompt, PreferenceRecord, load_preferences, prompt_text
+from rlhfkit.data import PreferenceRecord, Prompt, load_preferences, prompt_text
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import encode_prompts
 from rlhfkit.models import (
     DEFAULT_MODEL,
     final_hidden,
     last_token_index,
-    lora_config,
     load_causal_lm,
     load_tokenizer,
+    lora_config,
     lower_hidden,
     num_layers,
     upper_hidden,
@@ -58,7 +58,9 @@ console = Console(stderr=True)
 class RewardTrainConfig:
     """Options of ``rlhf reward train``."""
 
-    data: str = option(REQUIRED, "Preference dataset (TRL or Vertex form; .jsonl/.json/.parquet).", required=True)
+    data: str = option(
+        REQUIRED, "Preference dataset (TRL or Vertex form; .jsonl/.json/.parquet).", required=True
+    )
     out: str = option(REQUIRED, "Output directory for the reward model.", required=True)
     model: str = option(DEFAULT_MODEL, "Backbone: smollm2-135m, tiny-random, a model directory or org/name.")
     epochs: int = option(2, "Passes over the training pairs.")
@@ -101,7 +103,9 @@ def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
     return float(wins.mean())
 
 
-def join_for_reward(prompt_ids: Sequence[int], completion_ids: Sequence[int], eos_id: int, max_length: int) -> list[int]:
+def join_for_reward(
+    prompt_ids: Sequence[int], completion_ids: Sequence[int], eos_id: int, max_length: int
+) -> list[int]:
     """``prompt + completion + EOS``, cut to ``max_length`` (completion first, then prompt from the left)."""
     completion = [t for t in completion_ids if t != eos_id]
     room = max_length - 1
@@ -179,7 +183,9 @@ def load_reward_model(path: str | Path) -> tuple[RewardModel, object, dict]:
     else:
         from peft import PeftModel
 
-        trunk = PeftModel.from_pretrained(load_causal_lm(cfg["model"]), folder / "adapter", adapter_name="reward")
+        trunk = PeftModel.from_pretrained(
+            load_causal_lm(cfg["model"]), folder / "adapter", adapter_name="reward"
+        )
         tokenizer = load_tokenizer(cfg["model"])
     head_state = load_file(folder / "head.safetensors")
     head = nn.Linear(head_state["weight"].shape[1], 1)
@@ -188,7 +194,9 @@ def load_reward_model(path: str | Path) -> tuple[RewardModel, object, dict]:
     return model, tokenizer, metrics
 
 
-def encode_pairs(tokenizer, records: Sequence[PreferenceRecord], max_length: int) -> list[tuple[list[int], list[int]]]:  # noqa: ANN001
+def encode_pairs(
+    tokenizer, records: Sequence[PreferenceRecord], max_length: int
+) -> list[tuple[list[int], list[int]]]:
     """(chosen ids, rejected ids) per pair, each formatted prompt tokenised once per prompt."""
     prompt_cache: dict[str, list[int]] = {}
     eos = tokenizer.eos_token_id
@@ -200,12 +208,16 @@ def encode_pairs(tokenizer, records: Sequence[PreferenceRecord], max_length: int
         p = prompt_cache[key]
         chosen = tokenizer(rec.chosen, add_special_tokens=False)["input_ids"]
         rejected = tokenizer(rec.rejected, add_special_tokens=False)["input_ids"]
-        out.append((join_for_reward(p, chosen, eos, max_length), join_for_reward(p, rejected, eos, max_length)))
+        out.append(
+            (join_for_reward(p, chosen, eos, max_length), join_for_reward(p, rejected, eos, max_length))
+        )
     return out
 
 
 @torch.no_grad()
-def score_sequences(model: RewardModel, rows: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16) -> list[float]:
+def score_sequences(
+    model: RewardModel, rows: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16
+) -> list[float]:
     """Raw scores of token sequences, batched by length."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     scores = [0.0] * len(rows)
@@ -219,7 +231,7 @@ def score_sequences(model: RewardModel, rows: Sequence[Sequence[int]], pad_id: i
 
 def score_texts(
     model: RewardModel,
-    tokenizer,  # noqa: ANN001
+    tokenizer,
     prompts: Sequence[Prompt],
     completions: Sequence[str],
     max_length: int = 256,
@@ -235,7 +247,9 @@ def score_texts(
     return score_sequences(model, rows, tokenizer.pad_token_id, batch_size)
 
 
-def evaluate_pairs(model: RewardModel, tokenizer, records: Sequence[PreferenceRecord], max_length: int = 256) -> dict[str, float]:  # noqa: ANN001
+def evaluate_pairs(
+    model: RewardModel, tokenizer, records: Sequence[PreferenceRecord], max_length: int = 256
+) -> dict[str, float]:
     """Accuracy, loss and mean margin of a reward model on preference pairs."""
     pairs = encode_pairs(tokenizer, records, max_length)
     flat = [seq for pair in pairs for seq in pair]
@@ -251,11 +265,27 @@ def _pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Te
     }
 
 
+def judge_agreement(
+    records: Sequence[PreferenceRecord], chosen: torch.Tensor, rejected: torch.Tensor
+) -> float | None:
+    """How often the reward model orders a pair as the judge's own scores do (labels from
+    ``rlhf label judge`` are noisy samples of that order). None when the data has no judge scores.
+    """
+    hits = []
+    for rec, c, r in zip(records, chosen.tolist(), rejected.tolist(), strict=True):
+        s_c, s_r = rec.extra.get("score_chosen"), rec.extra.get("score_rejected")
+        if isinstance(s_c, (int, float)) and isinstance(s_r, (int, float)) and s_c != s_r:
+            hits.append(1.0 if (c > r) == (s_c > s_r) else 0.5 if c == r else 0.0)
+    return sum(hits) / len(hits) if hits else None
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 
 
-def split_by_prompt(records: Sequence[PreferenceRecord], eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def split_by_prompt(
+    records: Sequence[PreferenceRecord], eval_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
     """Train and eval indices with every prompt's pairs on one side only."""
     groups: dict[str, list[int]] = {}
     for i, rec in enumerate(records):
@@ -299,7 +329,9 @@ def _progress(label: str) -> Progress:
 class _Scorer:
     """Scores (flattened) sequences by index, from the lower-layer cache when there is one."""
 
-    def __init__(self, model: RewardModel, seqs: list[list[int]], pad_id: int, cache: list[torch.Tensor] | None):
+    def __init__(
+        self, model: RewardModel, seqs: list[list[int]], pad_id: int, cache: list[torch.Tensor] | None
+    ):
         self.model, self.seqs, self.pad_id, self.cache = model, seqs, pad_id, cache
 
     def __call__(self, idx: Sequence[int]) -> torch.Tensor:
@@ -320,7 +352,9 @@ class _Scorer:
 
 
 @torch.no_grad()
-def _cache_lower(model: RewardModel, seqs: list[list[int]], pad_id: int, batch_size: int = 32) -> list[torch.Tensor]:
+def _cache_lower(
+    model: RewardModel, seqs: list[list[int]], pad_id: int, batch_size: int = 32
+) -> list[torch.Tensor]:
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     cache: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
     with _progress("cache frozen layers") as progress:
@@ -426,18 +460,32 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
             if eval_idx:
                 s = scorer.all(_flat(eval_idx))
                 eval_metrics = _pair_metrics(s[0::2], s[1::2], margins[eval_idx])
-                log.write(json.dumps({"step": step, "epoch": epoch + 1, **{f"eval_{k}": v for k, v in eval_metrics.items()}}) + "\n")
+                log.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "epoch": epoch + 1,
+                            **{f"eval_{k}": v for k, v in eval_metrics.items()},
+                        }
+                    )
+                    + "\n"
+                )
                 log.flush()
             _save_trainable(accelerator.unwrap_model(model), out / "checkpoints" / "last", cfg.full)
     log.close()
 
     model = accelerator.unwrap_model(model).eval()
+    judge_accuracy = None
+    if eval_idx:
+        s = scorer.all(_flat(eval_idx))
+        judge_accuracy = judge_agreement([records[i] for i in eval_idx], s[0::2], s[1::2])
     train_scores = scorer.all(_flat(train_idx))
     n_trained = len(train_idx) * cfg.epochs
     metrics = {
         "eval_accuracy": eval_metrics.get("accuracy"),
         "eval_loss": eval_metrics.get("loss"),
         "mean_margin": eval_metrics.get("mean_margin"),
+        "eval_judge_accuracy": judge_accuracy,
         "train_accuracy": pairwise_accuracy(train_scores[0::2], train_scores[1::2]),
         "score_mean": float(train_scores.mean()),
         "score_std": float(train_scores.std()) if len(train_scores) > 1 else 1.0,
@@ -468,7 +516,7 @@ def _save_trainable(model: RewardModel, folder: Path, full: bool) -> None:
     save_file(_trainable_state(model), folder / "trainable.safetensors")
 
 
-def _save_reward_model(model: RewardModel, tokenizer, out: Path, cfg: RewardTrainConfig) -> None:  # noqa: ANN001
+def _save_reward_model(model: RewardModel, tokenizer, out: Path, cfg: RewardTrainConfig) -> None:
     save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, out / "head.safetensors")
     if cfg.full:
         model.trunk.save_pretrained(out / "model")
@@ -478,7 +526,11 @@ def _save_reward_model(model: RewardModel, tokenizer, out: Path, cfg: RewardTrai
 
 
 def _write_model_card(out: Path, cfg: RewardTrainConfig, metrics: dict) -> None:
-    kind = "full fine-tune" if cfg.full else f"LoRA r={cfg.lora_r} on the top {cfg.trainable_layers or 'all'} layers"
+    kind = (
+        "full fine-tune"
+        if cfg.full
+        else f"LoRA r={cfg.lora_r} on the top {cfg.trainable_layers or 'all'} layers"
+    )
     lines = [
         f"# Reward model ({cfg.model})",
         "",
@@ -507,4 +559,3 @@ def print_metrics(title: str, metrics: dict) -> None:
     for key, value in metrics.items():
         table.add_row(key, _fmt(value))
     Console().print(table)
-

@@ -27,13 +27,14 @@ def _sigmoid(x: float) -> float:
 
 
 def _pairs(completions: list[str], pairs: str) -> list[tuple[int, int]]:
-    """Index pairs to compare; identical texts (after strip) carry no preference and are skipped."""
+    """Index pairs to compare; identical or empty texts carry no usable preference and are skipped."""
     n = len(completions)
     if pairs == "all":
         candidates = list(combinations(range(n), 2))
     else:
         candidates = [(i, i + 1) for i in range(0, n - 1, 2)]
-    return [(i, j) for i, j in candidates if completions[i].strip() != completions[j].strip()]
+    text = [c.strip() for c in completions]
+    return [(i, j) for i, j in candidates if text[i] and text[j] and text[i] != text[j]]
 
 
 def judge_preferences(

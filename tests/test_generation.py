@@ -1,0 +1,80 @@
+"""The batched sampler: EOS bookkeeping, left padding and seeding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhfkit.generation import (
+    SamplingParams,
+    encode_prompts,
+    generate_completions,
+    left_pad,
+    response_lengths,
+    sample_responses,
+    truncate_after_eos,
+)
+from rlhfkit.models import load_causal_lm, load_tokenizer
+
+EOS, PAD = 2, 2
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_causal_lm("tiny-random"), load_tokenizer("tiny-random")
+
+
+def test_truncate_after_eos_keeps_the_eos() -> None:
+    responses = torch.tensor([[5, 2, 7, 8], [5, 6, 7, 8], [2, 9, 2, 9]])
+    assert truncate_after_eos(responses, eos_id=2, pad_id=0).tolist() == [
+        [5, 2, 0, 0],
+        [5, 6, 7, 8],
+        [2, 0, 0, 0],
+    ]
+
+
+def test_response_lengths_count_the_eos() -> None:
+    responses = torch.tensor([[5, 2, 2, 2], [5, 6, 7, 8], [2, 2, 2, 2]])
+    lengths, ended = response_lengths(responses, eos_id=2)
+    assert lengths.tolist() == [2, 4, 1]
+    assert ended.tolist() == [True, False, True]
+
+
+def test_left_pad() -> None:
+    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_sampling_params_validate() -> None:
+    with pytest.raises(ValueError):
+        SamplingParams(max_new_tokens=0)
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=0)
+
+
+def test_greedy_batch_equals_single_rows(tiny) -> None:
+    """Left padding must not change what a prompt generates."""
+    model, tok = tiny
+    prompts = ["Tell me a story about a very small robot", "Hi"]
+    rows = encode_prompts(tok, prompts)
+    greedy = SamplingParams(max_new_tokens=6, temperature=0)
+    ids, mask = left_pad(rows, tok.pad_token_id)
+    batched = sample_responses(model, ids, mask, greedy, tok.eos_token_id, tok.pad_token_id)
+    for i, row in enumerate(rows):
+        one_ids, one_mask = left_pad([row], tok.pad_token_id)
+        single = sample_responses(model, one_ids, one_mask, greedy, tok.eos_token_id, tok.pad_token_id)
+        assert batched[i, : single.shape[1]].tolist() == single[0].tolist()
+
+
+def test_generate_completions_shape_order_and_seed(tiny) -> None:
+    model, tok = tiny
+    prompts = ["one two three four five", "a", "some medium prompt"]
+    params = SamplingParams(max_new_tokens=5)
+    first = generate_completions(model, tok, prompts, 3, params, batch_size=2, seed=1, show_progress=False)
+    again = generate_completions(model, tok, prompts, 3, params, batch_size=2, seed=1, show_progress=False)
+    other = generate_completions(model, tok, prompts, 3, params, batch_size=2, seed=2, show_progress=False)
+    assert [len(c) for c in first.completions] == [3, 3, 3]
+    assert first.completions == again.completions
+    assert first.completions != other.completions
+    assert 0 < first.tokens <= 3 * 3 * 5
