@@ -153,6 +153,7 @@ class LabelJudgeConfig:
     format: str = option(
         "trl", "Output form: trl (prompt/chosen/rejected) or vertex (input_text/candidate_0/1/choice)."
     )
+    min_gap: float = option(0.0, "Leave out pairs whose judge scores differ by less than this (ties).")
 
     def __post_init__(self) -> None:
         if self.tau <= 0:
@@ -170,7 +171,7 @@ def run_label_judge(cfg: LabelJudgeConfig) -> dict:
 
     candidates = load_candidates(cfg.candidates)
     judge = load_judge(cfg.judge)
-    prefs = judge_preferences(candidates, judge, tau=cfg.tau, seed=cfg.seed, pairs=cfg.pairs)
+    prefs = judge_preferences(candidates, judge, tau=cfg.tau, seed=cfg.seed, pairs=cfg.pairs, min_gap=cfg.min_gap)
     write_jsonl(cfg.out, [preference_row(p, cfg.format) for p in prefs])
     summary = {**label_summary(prefs), "written to": cfg.out}
     _table(f"label judge ({cfg.judge})", summary)
@@ -258,6 +259,33 @@ def _register_reward() -> None:
 
 
 _register_reward()
+
+
+# ----------------------------------------------------------------------------------------------
+# rlhf ppo
+
+
+def run_ppo_command(cfg) -> dict:  # noqa: ANN001
+    from rlhfkit.ppo.trainer import print_summary, run_ppo
+
+    summary = run_ppo(cfg)
+    print_summary(summary)
+    return summary
+
+
+def _register_ppo() -> None:
+    from rlhfkit.ppo.trainer import PPOConfig
+
+    config_command(
+        app,
+        "ppo",
+        PPOConfig,
+        run_ppo_command,
+        "Fine-tune a policy with PPO against a reward model or judge (`--resume RUN_DIR` continues a run).",
+    )
+
+
+_register_ppo()
 
 
 # ----------------------------------------------------------------------------------------------

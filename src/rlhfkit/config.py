@@ -49,6 +49,13 @@ def _unwrap_optional(annotation: Any) -> Any:
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check a YAML value against the field type, converting the harmless cases (int -> float)."""
     target = _unwrap_optional(annotation)
+    if target is not annotation and isinstance(value, str) and target in (int, float):
+        if value.strip().lower() in ("none", "null", "off", ""):
+            return None
+        try:
+            return target(value)
+        except ValueError:
+            raise RlhfkitError(f"{where}: expected {target.__name__} or 'off', got {value!r}") from None
     if value is None:
         if target is annotation:
             raise RlhfkitError(f"{where}: expected {getattr(target, '__name__', target)}, got null")
@@ -142,6 +149,9 @@ def config_command(group: typer.Typer, name: str, cls: type[C], run: Callable[[C
         text = f.metadata.get("help", "")
         required = f.metadata.get("required", False)
         decls = [f"{flag}/--no-{flag[2:]}"] if annotation is bool else [flag]
+        if annotation in (int, float) and annotation is not hints[f.name]:
+            annotation = str  # an optional number: 'off' unsets it on the command line
+            text += " ('off' to unset)"
         show = False if required or default in (None, "") else str(default)
         opt = typer.Option(None, *decls, help=text + (" (required)" if required else ""), show_default=show)
         params.append(

@@ -72,7 +72,7 @@ class RewardTrainConfig:
     eval_fraction: float = option(0.1, "Fraction of prompts held out for evaluation.")
     seed: int = option(0, "Seed for the split, the head init and the shuffling.")
     full: bool = option(False, "Fine-tune every weight instead of LoRA adapters.")
-    lora_r: int = option(16, "LoRA rank.")
+    lora_r: int = option(16, "LoRA rank (0 = no adapter: train the head alone, a linear probe on the frozen trunk).")
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r).")
     trainable_layers: int = option(4, "LoRA on the top N transformer layers only (0 = every layer).")
     cache_lower: bool = option(True, "Run the frozen lower layers once and reuse their output each epoch.")
@@ -180,12 +180,15 @@ def load_reward_model(path: str | Path) -> tuple[RewardModel, object, dict]:
     if (folder / "model").is_dir():
         trunk = load_causal_lm(str(folder / "model"))
         tokenizer = load_tokenizer(str(folder / "model"))
-    else:
+    elif (folder / "adapter").is_dir():
         from peft import PeftModel
 
         trunk = PeftModel.from_pretrained(
             load_causal_lm(cfg["model"]), folder / "adapter", adapter_name="reward"
         )
+        tokenizer = load_tokenizer(cfg["model"])
+    else:  # a linear probe: the head alone on the frozen base
+        trunk = load_causal_lm(cfg["model"])
         tokenizer = load_tokenizer(cfg["model"])
     head_state = load_file(folder / "head.safetensors")
     head = nn.Linear(head_state["weight"].shape[1], 1)
@@ -300,9 +303,24 @@ def split_by_prompt(
     return train_idx, eval_idx
 
 
-def _flat(pair_idx: Sequence[int]) -> list[int]:
-    """Pair indices to sequence indices: pair i is sequences 2i (chosen) and 2i+1 (rejected)."""
-    return [j for i in pair_idx for j in (2 * i, 2 * i + 1)]
+def dedupe_sequences(pairs: Sequence[tuple[list[int], list[int]]]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """Unique sequences and, per pair, the indices of its chosen and rejected sequence.
+
+    With K completions per prompt every completion appears in K-1 pairs: it is run once.
+    """
+    index: dict[tuple[int, ...], int] = {}
+    seqs: list[list[int]] = []
+    refs = []
+    for pair in pairs:
+        ref = []
+        for seq in pair:
+            key = tuple(seq)
+            if key not in index:
+                index[key] = len(seqs)
+                seqs.append(seq)
+            ref.append(index[key])
+        refs.append((ref[0], ref[1]))
+    return seqs, refs
 
 
 def _pad_hidden(hiddens: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -392,6 +410,9 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
     if cfg.full:
         trunk, split = base, 0
         trunk.requires_grad_(True)
+    elif cfg.lora_r == 0:
+        trunk, split = base, n_layers
+        base.requires_grad_(False)
     else:
         from peft import get_peft_model
 
@@ -401,7 +422,11 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
     model = RewardModel(trunk, new_head(base.config.hidden_size, cfg.seed), split)
 
     pairs = encode_pairs(tokenizer, records, cfg.max_length)
-    seqs = [seq for pair in pairs for seq in pair]  # pair i -> sequences 2i (chosen), 2i+1 (rejected)
+    seqs, pair_refs = dedupe_sequences(pairs)
+
+    def flat(pair_idx: Sequence[int]) -> list[int]:  # chosen, rejected, chosen, rejected, ...
+        return [seq for i in pair_idx for seq in pair_refs[i]]
+
     margins = torch.tensor([r.margin for r in records], dtype=torch.float32)
     use_cache = cfg.cache_lower and not cfg.full and split > 0
     cache = _cache_lower(model, seqs, tokenizer.pad_token_id) if use_cache else None
@@ -434,7 +459,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
             for batch in loader:
                 t0 = time.perf_counter()
                 pair_idx = [int(i) for i in batch]
-                scores = scorer(_flat(pair_idx))
+                scores = scorer(flat(pair_idx))
                 chosen, rejected = scores[0::2], scores[1::2]
                 loss = bradley_terry_loss(chosen, rejected, margins[pair_idx])
                 accelerator.backward(loss)
@@ -458,7 +483,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
                 progress.update(task, advance=1, info=f"loss {row['loss']:.3f} acc {row['accuracy']:.2f}")
             model.eval()
             if eval_idx:
-                s = scorer.all(_flat(eval_idx))
+                s = scorer.all(flat(eval_idx))
                 eval_metrics = _pair_metrics(s[0::2], s[1::2], margins[eval_idx])
                 log.write(
                     json.dumps(
@@ -477,9 +502,9 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
     model = accelerator.unwrap_model(model).eval()
     judge_accuracy = None
     if eval_idx:
-        s = scorer.all(_flat(eval_idx))
+        s = scorer.all(flat(eval_idx))
         judge_accuracy = judge_agreement([records[i] for i in eval_idx], s[0::2], s[1::2])
-    train_scores = scorer.all(_flat(train_idx))
+    train_scores = scorer.all(flat(train_idx))
     n_trained = len(train_idx) * cfg.epochs
     metrics = {
         "eval_accuracy": eval_metrics.get("accuracy"),
@@ -521,7 +546,7 @@ def _save_reward_model(model: RewardModel, tokenizer, out: Path, cfg: RewardTrai
     if cfg.full:
         model.trunk.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
-    else:
+    elif cfg.lora_r > 0:
         model.trunk.save_pretrained(out / "adapter")
 
 

@@ -43,8 +43,13 @@ def judge_preferences(
     tau: float = 0.1,
     seed: int = 0,
     pairs: str = "all",
+    min_gap: float = 0.0,
 ) -> list[PreferenceRecord]:
-    """Label every pair of completions per prompt with the judge; same inputs and seed, same labels."""
+    """Label every pair of completions per prompt with the judge; same inputs and seed, same labels.
+
+    Pairs whose judge scores differ by less than ``min_gap`` are ties, left out as a person's
+    "tie" would be: they carry no preference, only noise.
+    """
     if not tau > 0:
         raise RlhfkitError(f"tau must be > 0 (got {tau}); smaller tau means less label noise")
     if pairs not in PAIRINGS:
@@ -68,6 +73,8 @@ def judge_preferences(
     for (record, record_pairs), offset in zip(plan, offsets, strict=True):
         for i, j in record_pairs:
             s_i, s_j = scores[offset + i], scores[offset + j]
+            if abs(s_i - s_j) < min_gap:
+                continue
             a_wins = rng.random() < _sigmoid((s_i - s_j) / tau)
             (chosen, s_c), (rejected, s_r) = (
                 ((record.completions[i], s_i), (record.completions[j], s_j))

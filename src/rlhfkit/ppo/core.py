@@ -1,0 +1,151 @@
+"""The PPO-for-RLHF formulas, each a small pure function tested against a hand computation.
+
+Shapes: ``(batch, response_len)`` per-token tensors with a 0/1 ``mask`` that is 1 on real response
+tokens (the EOS included) and 0 on the padding after it. References: Ziegler et al. (2019),
+Stiennon et al. (2020) and the checklist of Huang et al. (2024), "The N+ Implementation Details of
+RLHF with PPO".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance over the masked entries."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask)
+    return var * n / (n - 1).clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise to unit variance over the batch (and zero mean unless ``shift_mean`` is False)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from samples of the policy.
+
+    k1 = log p - log q (unbiased, can be negative per sample); k3 = (q/p - 1) - log(q/p)
+    (unbiased and always >= 0, lower variance; Schulman's "Approximating KL divergence").
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r} (expected k1 or k3)")
+
+
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Column of the last 1 in each row of a right-padded mask (0 for an empty row)."""
+    return (mask.sum(-1).long() - 1).clamp(min=0)
+
+
+def token_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor
+) -> torch.Tensor:
+    """Reward per token: ``-kl_coef * kl`` everywhere, plus the sequence score at the last token."""
+    rewards = -kl_coef * kl * mask
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last_index(mask)] += scores
+    return rewards
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the response; returns (advantages, returns).
+
+    The value after the last real token is 0 (the episode ends there), so padding never leaks in.
+    """
+    values = values * mask
+    rewards = rewards * mask
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = advantage * mask[:, t]
+        next_value = values[:, t] * mask[:, t]
+        next_advantage = advantages[:, t]
+    returns = advantages + values
+    return advantages, returns
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate loss; also the fraction of clipped tokens and approx KL(old || new)."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clip_frac = masked_mean((clipped > unclipped).float(), mask)
+    approx_kl = 0.5 * masked_mean(log_ratio**2, mask)
+    return loss, clip_frac.detach(), approx_kl.detach()
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss ``0.5 * max((v - R)^2, (v_clip - R)^2)``; also the clipped fraction."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    unclipped_loss = (values - returns) ** 2
+    clipped_loss = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask)
+    clip_frac = masked_mean((clipped_loss > unclipped_loss).float(), mask)
+    return loss, clip_frac.detach()
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution at every position."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@dataclass
+class KLController:
+    """The KL coefficient: fixed, or adapted towards ``target`` (Ziegler et al. 2019, sec. 2.2).
+
+    Adaptive update: ``coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon``.
+    """
+
+    value: float
+    target: float | None = None
+    horizon: int = 10000
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float | int | None]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value, self.target, self.horizon = state["value"], state["target"], state["horizon"]

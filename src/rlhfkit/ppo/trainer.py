@@ -1,0 +1,760 @@
+"""PPO fine-tuning of a policy against a reward, with a KL penalty to the frozen reference.
+
+Recipe features:
+
+- One frozen base model serves every role (LoRA mode, the default): the policy is the ``default``
+  LoRA adapter on the top ``trainable_layers`` layers, the reference is the same base with the
+  adapters disabled, the value function is a scalar head on the policy's trunk (one pass gives
+  logits and values), and a reward model trained on the same backbone is one more adapter
+  (``reward``). The frozen lower layers run once per rollout; every role and every PPO epoch
+  reuses their output. ``full`` fine-tunes every weight and keeps a frozen reference copy.
+- Rewards: a reward-model directory (scores normalised with the statistics saved by
+  ``rlhf reward train``), ``judge:NAME`` or ``module:function``. The score goes on the last response
+  token, a per-token KL penalty (k1 or k3) on every token; responses cut at ``max_new_tokens``
+  without EOS get ``missing_eos_penalty`` instead of their score (the "EOS trick").
+- GAE (gamma, lambda), advantages whitened over the batch, clipped policy ratio and clipped value
+  loss, several PPO epochs over shuffled mini-batches, gradient clipping, dropout off, an adaptive
+  KL controller (``target_kl``) or a fixed coefficient.
+- Log-probabilities over response tokens only, at the sampling temperature, with the same padding in
+  rollout and training.
+- Stops at ``max_steps``, at a moving-average reward of ``reward_threshold``, or with a clear message
+  when a loss or the KL turns NaN or the KL passes ``max_kl``. Checkpoints every ``save_every``
+  steps hold the trainable weights, optimizer, scheduler, KL controller, data position and every
+  RNG state: ``rlhf ppo --resume RUN_DIR`` continues and reproduces a straight run's metrics.
+
+Limits: one process is what is tested (the loop is written on ``accelerate`` so that DDP can come
+later); sampling is plain temperature sampling (top-p would make the rollout distribution differ
+from the one PPO scores).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rlhfkit.config import REQUIRED, option, save_config
+from rlhfkit.data import PromptRecord, load_prompts, prompt_text
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.generation import (
+    SamplingParams,
+    encode_prompts,
+    left_pad,
+    response_lengths,
+    sample_responses,
+)
+from rlhfkit.judges import Judge, load_judge
+from rlhfkit.models import (
+    DEFAULT_MODEL,
+    final_hidden,
+    last_token_index,
+    load_causal_lm,
+    load_tokenizer,
+    lora_config,
+    lower_hidden,
+    num_layers,
+    upper_hidden,
+)
+from rlhfkit.ppo.core import (
+    KLController,
+    entropy_from_logits,
+    gae,
+    kl_per_token,
+    masked_mean,
+    policy_loss,
+    token_rewards,
+    value_loss,
+    whiten,
+)
+from rlhfkit.reward import RewardModel, load_reward_model, new_head
+
+console = Console(stderr=True)
+POLICY = "default"
+DEFAULT_MAX_STEPS = 100
+REWARD = "reward"
+
+
+@dataclass
+class PPOConfig:
+    """Options of ``rlhf ppo``."""
+
+    reward: str = option(REQUIRED, "Reward: a reward-model directory, judge:NAME or module:function.")
+    prompts: str = option(REQUIRED, "Prompt file (.jsonl/.json/.parquet) or builtin:NAME.")
+    out: str = option(REQUIRED, "Run directory to create.")
+    policy: str = option(DEFAULT_MODEL, "Policy model: smollm2-135m, tiny-random, a model directory or org/name.")
+    resume: str = option("", "Continue the run in this directory from its last checkpoint.")
+    max_steps: int | None = option(None, "PPO steps (one rollout batch each) in total; default 100, on --resume the run's own.")
+    batch_size: int = option(16, "Prompts per step (rollout batch).")
+    mini_batch_size: int = option(8, "Rollouts per gradient step.")
+    ppo_epochs: int = option(4, "Passes over each rollout batch.")
+    max_new_tokens: int = option(48, "Longest response in tokens.")
+    max_prompt_tokens: int = option(192, "Longest formatted prompt in tokens (cut from the left).")
+    temperature: float = option(0.7, "Sampling temperature, also used for the log-probabilities.")
+    learning_rate: float = option(1e-4, "AdamW learning rate.")
+    lr_schedule: str = option("constant", "constant, or linear (decays to 0 at max_steps).")
+    kl_coef: float = option(0.05, "KL penalty coefficient (initial value with --target-kl).")
+    target_kl: float | None = option(None, "Adaptive KL controller target (nats per sequence); unset = fixed coefficient.")
+    kl_horizon: int = option(10000, "Adaptive KL controller horizon, in rollouts.")
+    kl_estimator: str = option("k1", "Per-token KL estimator in the reward: k1 (log ratio) or k3.")
+    max_kl: float = option(100.0, "Stop when the mean sequence KL passes this bound (nats).")
+    reward_threshold: float | None = option(None, "Stop when the moving-average reward reaches this.")
+    threshold_window: int = option(5, "Steps in the reward moving average.")
+    missing_eos_penalty: float | None = option(-1.0, "Score given to responses without EOS (unset = keep their score).")
+    normalize_reward: bool = option(True, "Normalise reward-model scores with the mean/std saved at training.")
+    whiten_rewards: bool = option(False, "Whiten the per-token rewards over the batch before GAE.")
+    gamma: float = option(1.0, "Discount factor.")
+    lam: float = option(0.95, "GAE lambda.")
+    clip_range: float = option(0.2, "Policy ratio clip.")
+    clip_range_value: float = option(0.2, "Value clip.")
+    vf_coef: float = option(0.1, "Value loss coefficient.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm.")
+    full: bool = option(False, "Fine-tune every weight (keeps a frozen reference copy) instead of LoRA.")
+    lora_r: int = option(16, "LoRA rank.")
+    lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r).")
+    trainable_layers: int = option(4, "LoRA on the top N layers only; the frozen ones below run once per rollout (0 = all).")
+    save_every: int = option(10, "Checkpoint every N steps (the last step is always saved).")
+    keep_checkpoints: int = option(2, "Checkpoints kept on disk (oldest removed).")
+    seed: int = option(0, "Seed of prompt order, sampling and initialisation.")
+
+    def __post_init__(self) -> None:
+        checks = {
+            "max_steps must be >= 1": self.max_steps is None or self.max_steps >= 1,
+            "batch_size must be >= 1": self.batch_size >= 1,
+            "mini_batch_size must be in [1, batch_size]": 1 <= self.mini_batch_size <= self.batch_size,
+            "ppo_epochs must be >= 1": self.ppo_epochs >= 1,
+            "temperature must be > 0 (PPO needs a sampling distribution)": self.temperature > 0,
+            "kl_estimator must be k1 or k3": self.kl_estimator in ("k1", "k3"),
+            "lr_schedule must be constant or linear": self.lr_schedule in ("constant", "linear"),
+            "target_kl must be > 0": self.target_kl is None or self.target_kl > 0,
+            "trainable_layers must be >= 0": self.trainable_layers >= 0,
+            "save_every must be >= 0": self.save_every >= 0,
+            "keep_checkpoints must be >= 1": self.keep_checkpoints >= 1,
+        }
+        failed = [text for text, ok in checks.items() if not ok]
+        if failed:
+            raise ValueError("; ".join(failed))
+
+
+# ----------------------------------------------------------------------------------------------
+# Models of every role
+
+
+class PolicyWithValue(nn.Module):
+    """Policy trunk + value head: one trunk pass gives response log-probs and values.
+
+    ``forward`` continues from the cached lower-layer output when ``split > 0``.
+    """
+
+    def __init__(self, trunk: nn.Module, value_head: nn.Linear, split: int) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.value_head = value_head
+        self.split = split
+
+    def hidden(self, ids: torch.Tensor, mask: torch.Tensor, lower: torch.Tensor | None) -> torch.Tensor:
+        if lower is None:
+            return final_hidden(self.trunk, ids, mask)
+        return upper_hidden(self.trunk, lower, mask, self.split)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        lower: torch.Tensor | None,
+        query_len: int,
+        temperature: float,
+        with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        hidden = self.hidden(ids, mask, lower)
+        logprobs, entropy = response_logprobs(self.trunk, hidden, ids, query_len, temperature, with_entropy)
+        values = self.value_head(hidden[:, query_len - 1 : -1]).squeeze(-1)
+        return logprobs, values, entropy
+
+
+def response_logprobs(
+    model: nn.Module,
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    query_len: int,
+    temperature: float,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probabilities of the response tokens ``ids[:, query_len:]`` (LM head on those positions only)."""
+    logits = model.get_output_embeddings()(hidden[:, query_len - 1 : -1]) / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    chosen = logp.gather(-1, ids[:, query_len:, None]).squeeze(-1)
+    entropy = entropy_from_logits(logits.detach()) if with_entropy else None
+    return chosen, entropy
+
+
+class RewardSource:
+    """Scores a rollout batch: a judge on texts, a separate reward model, or the shared ``reward`` adapter."""
+
+    def __init__(self, spec: str, policy_name: str, full: bool) -> None:
+        self.spec = spec
+        self.judge: Judge | None = None
+        self.model: RewardModel | None = None
+        self.shared_head: nn.Linear | None = None
+        self.adapter_dir: Path | None = None
+        self.adapter_split = 0
+        self.mean, self.std = 0.0, 1.0
+        folder = Path(spec)
+        if spec.startswith("judge:"):
+            self.judge = load_judge(spec.removeprefix("judge:"))
+            return
+        if not folder.is_dir():
+            if ":" not in spec:
+                raise RlhfkitError(
+                    f"--reward {spec!r}: not a reward-model directory, judge:NAME or module:function"
+                )
+            self.judge = load_judge(spec)
+            return
+        meta = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").exists() else {}
+        metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else {}
+        self.mean, self.std = metrics.get("score_mean", 0.0), metrics.get("score_std", 1.0) or 1.0
+        shares_base = meta.get("model") == policy_name and not (folder / "model").is_dir() and not full
+        if shares_base:
+            if (folder / "adapter").is_dir():
+                self.adapter_dir = folder / "adapter"
+                adapter_cfg = json.loads((self.adapter_dir / "adapter_config.json").read_text())
+                layers = adapter_cfg.get("layers_to_transform")
+                self.adapter_split = min(layers) if layers else 0
+            else:  # a linear probe on the frozen base: read with every adapter disabled
+                self.adapter_split = 10**9
+            head_state = load_file(folder / "head.safetensors")
+            self.shared_head = nn.Linear(head_state["weight"].shape[1], 1)
+            self.shared_head.load_state_dict(head_state)
+            self.shared_head.requires_grad_(False)
+        else:
+            self.model, _, _ = load_reward_model(folder)
+            self.model.requires_grad_(False)
+
+    @property
+    def head(self) -> nn.Linear | None:
+        """The reward head, to initialise the value head from when the backbone is shared."""
+        if self.shared_head is not None:
+            return self.shared_head
+        return None
+
+    @torch.no_grad()
+    def score(
+        self,
+        policy: nn.Module,
+        split: int,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        lower: torch.Tensor | None,
+        prompts: Sequence[str],
+        texts: Sequence[str],
+        tokenizer,  # noqa: ANN001
+    ) -> torch.Tensor:
+        """Raw scores; ``ids``/``mask``/``lower`` cover ``query + response + EOS``."""
+        if self.judge is not None:
+            return torch.tensor(self.judge(list(prompts), list(texts)), dtype=torch.float32)
+        if self.model is not None:
+            from rlhfkit.reward import score_sequences
+
+            rows = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+            return torch.tensor(score_sequences(self.model, rows, tokenizer.pad_token_id), dtype=torch.float32)
+        with self._reward_adapter(policy):
+            if lower is not None and self.adapter_split >= split:
+                hidden = upper_hidden(policy, lower, mask, split)
+            else:
+                hidden = final_hidden(policy, ids, mask)
+        rows = torch.arange(ids.shape[0])
+        return self.shared_head(hidden[rows, last_token_index(mask)]).squeeze(-1)
+
+    @contextmanager
+    def _reward_adapter(self, policy: nn.Module) -> Iterator[None]:
+        if self.adapter_dir is None:
+            with policy.disable_adapter():
+                yield
+            return
+        policy.set_adapter(REWARD, inference_mode=True)
+        try:
+            yield
+        finally:
+            policy.set_adapter(POLICY)
+
+    def normalise(self, scores: torch.Tensor, enabled: bool) -> torch.Tensor:
+        if self.judge is not None or not enabled:
+            return scores
+        return (scores - self.mean) / self.std
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts
+
+
+@dataclass
+class Rollout:
+    ids: torch.Tensor  # (B, Lq + Lr) query (left-padded) + response (right-padded)
+    mask: torch.Tensor
+    query_len: int
+    response_mask: torch.Tensor  # (B, Lr) float, 1 up to and including EOS
+    lower: torch.Tensor | None
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor  # normalised, before the EOS penalty
+    ended: torch.Tensor
+    entropy: torch.Tensor
+    texts: list[str]
+    prompts: list[str]
+
+
+class PromptStream:
+    """Prompts in a seeded shuffled order per epoch; the position is all a checkpoint needs."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, index: int = 0) -> None:
+        self.n, self.seed, self.epoch, self.index = n, seed, epoch, index
+
+    def _order(self) -> list[int]:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out: list[int] = []
+        order = self._order()
+        while len(out) < k:
+            if self.index >= self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+                order = self._order()
+            out.append(order[self.index])
+            self.index += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+
+
+class PPOTrainer:
+    """Owns the models, optimizer and run directory; ``train`` runs the loop."""
+
+    def __init__(self, cfg: PPOConfig, accelerator: Any = None) -> None:
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.accelerator = accelerator or Accelerator()
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+
+        records = load_prompts(cfg.prompts)
+        self.records: list[PromptRecord] = records
+        self.tokenizer = load_tokenizer(cfg.policy)
+        self.queries = [ids[-cfg.max_prompt_tokens :] for ids in encode_prompts(self.tokenizer, [r.prompt for r in records])]
+        self.prompt_texts = [prompt_text(r.prompt) for r in records]
+        self.stream = PromptStream(len(records), cfg.seed)
+
+        base = load_causal_lm(cfg.policy)
+        n_layers = num_layers(base)
+        self.reward = RewardSource(cfg.reward, cfg.policy, cfg.full)
+        self.ref: nn.Module | None = None
+        if cfg.full:
+            self.split = 0
+            base.requires_grad_(True)
+            trunk = base
+            self.ref = load_causal_lm(cfg.policy).requires_grad_(False)
+        else:
+            from peft import get_peft_model
+
+            trainable = n_layers if cfg.trainable_layers == 0 else min(cfg.trainable_layers, n_layers)
+            self.split = n_layers - trainable
+            base.requires_grad_(False)
+            trunk = get_peft_model(base, lora_config(base, cfg.lora_r, cfg.lora_alpha, first_layer=self.split))
+            if self.reward.adapter_dir is not None:
+                trunk.load_adapter(self.reward.adapter_dir, adapter_name=REWARD, is_trainable=False)
+                trunk.set_adapter(POLICY)
+        value_head = new_head(base.config.hidden_size, cfg.seed)
+        if self.reward.head is not None:  # same backbone: start the value function from the reward head
+            value_head.load_state_dict(self.reward.head.state_dict())
+        value_head.requires_grad_(True)
+        self.model = PolicyWithValue(trunk, value_head, self.split)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, eps=1e-5)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+        self.step = 0
+        self.history: list[float] = []
+
+    def _lr_factor(self, step: int) -> float:
+        if self.cfg.lr_schedule == "linear":
+            return max(0.0, 1.0 - step / self.cfg.max_steps)
+        return 1.0
+
+    @property
+    def core(self) -> PolicyWithValue:
+        return self.accelerator.unwrap_model(self.model)
+
+    # -- rollout -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def rollout(self, prompt_idx: Sequence[int]) -> tuple[Rollout, dict[str, float]]:
+        cfg, tok, core = self.cfg, self.tokenizer, self.core
+        eos, pad = tok.eos_token_id, tok.pad_token_id
+        t0 = time.perf_counter()
+        query_ids, query_mask = left_pad([self.queries[i] for i in prompt_idx], pad)
+        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, 1.0)
+        core.trunk.eval()
+        responses = sample_responses(core.trunk, query_ids, query_mask, params, eos, pad)
+        lengths, ended = response_lengths(responses, eos)
+        t1 = time.perf_counter()
+
+        width = responses.shape[1]
+        response_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        # One extra column holds an EOS for responses cut without one: the reward model always
+        # reads a sequence ending in EOS. Causal attention leaves earlier positions unchanged.
+        extra = torch.where(ended, pad, eos)[:, None]
+        ids_ext = torch.cat([query_ids, responses, extra], dim=1)
+        mask_ext = torch.cat([query_mask, response_mask, (~ended).long()[:, None]], dim=1)
+        lower_ext = lower_hidden(core.trunk, ids_ext, mask_ext, self.split) if self.split > 0 else None
+        ids, mask = ids_ext[:, :-1], mask_ext[:, :-1]
+        lower = lower_ext[:, :-1] if lower_ext is not None else None
+        qlen = query_ids.shape[1]
+
+        logprobs, values, entropy = core(ids, mask, lower, qlen, cfg.temperature, with_entropy=True)
+        if self.ref is None:
+            with core.trunk.disable_adapter():
+                ref_hidden = core.hidden(ids, mask, lower)
+            ref_logprobs, _ = response_logprobs(core.trunk, ref_hidden, ids, qlen, cfg.temperature)
+        else:
+            ref_hidden = final_hidden(self.ref, ids, mask)
+            ref_logprobs, _ = response_logprobs(self.ref, ref_hidden, ids, qlen, cfg.temperature)
+
+        texts = [
+            tok.decode(r[: int(n) - int(bool(e))], skip_special_tokens=True)
+            for r, n, e in zip(responses, lengths, ended, strict=True)
+        ]
+        prompts = [self.prompt_texts[i] for i in prompt_idx]
+        raw = self.reward.score(core.trunk, self.split, ids_ext, mask_ext, lower_ext, prompts, texts, tok)
+        scores = self.reward.normalise(raw.float(), cfg.normalize_reward)
+        t2 = time.perf_counter()
+        rollout = Rollout(
+            ids=ids,
+            mask=mask,
+            query_len=qlen,
+            response_mask=response_mask.float(),
+            lower=lower,
+            logprobs=logprobs,
+            ref_logprobs=ref_logprobs,
+            values=values,
+            scores=scores,
+            ended=ended,
+            entropy=entropy,
+            texts=texts,
+            prompts=prompts,
+        )
+        return rollout, {"time_generate": t1 - t0, "time_score": t2 - t1}
+
+    # -- one PPO step ---------------------------------------------------------------------------
+
+    def ppo_step(self, r: Rollout) -> dict[str, float]:
+        cfg = self.cfg
+        rmask = r.response_mask
+        kl = kl_per_token(r.logprobs, r.ref_logprobs, cfg.kl_estimator) * rmask
+        scores = r.scores.clone()
+        if cfg.missing_eos_penalty is not None:
+            scores = torch.where(r.ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
+        rewards = token_rewards(scores, kl, self.kl_ctl.value, rmask)
+        if cfg.whiten_rewards:
+            rewards = whiten(rewards, rmask, shift_mean=False)
+        advantages, returns = gae(rewards, r.values, rmask, cfg.gamma, cfg.lam)
+        advantages = whiten(advantages, rmask)
+
+        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl")}
+        self.model.train()
+        n = r.ids.shape[0]
+        generator = torch.Generator().manual_seed(cfg.seed * 100003 + self.step)
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, cfg.mini_batch_size):
+                mb = order[start : start + cfg.mini_batch_size]
+                lower = r.lower[mb] if r.lower is not None else None
+                logprobs, values, _ = self.model(r.ids[mb], r.mask[mb], lower, r.query_len, cfg.temperature)
+                pg_loss, clip_frac, approx_kl = policy_loss(logprobs, r.logprobs[mb], advantages[mb], rmask[mb], cfg.clip_range)
+                vf_loss, vf_clip = value_loss(values, r.values[mb], returns[mb], rmask[mb], cfg.clip_range_value)
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                if not torch.isfinite(loss):
+                    raise RlhfkitError(
+                        f"step {self.step + 1}: the loss turned NaN/inf (policy {float(pg_loss)}, value {float(vf_loss)}); "
+                        "lower --learning-rate or raise --kl-coef, then --resume from the last checkpoint"
+                    )
+                self.accelerator.backward(loss)
+                self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+                for key, value in (
+                    ("policy_loss", pg_loss),
+                    ("value_loss", vf_loss),
+                    ("clip_frac", clip_frac),
+                    ("value_clip_frac", vf_clip),
+                    ("approx_kl", approx_kl),
+                ):
+                    stats[key].append(float(value.detach()))
+        self.model.eval()
+        self.scheduler.step()
+
+        seq_kl = kl.sum(-1)
+        lengths = rmask.sum(-1)
+        metrics = {
+            "reward_mean": float(r.scores.mean()),
+            "reward_std": float(r.scores.std()) if n > 1 else 0.0,
+            "score_penalized_mean": float(scores.mean()),
+            "kl": float(seq_kl.mean()),
+            "kl_coef": self.kl_ctl.value,
+            "rlhf_reward": float((scores - self.kl_ctl.value * seq_kl).mean()),
+            "entropy": float(masked_mean(r.entropy, rmask)),
+            **{k: sum(v) / len(v) for k, v in stats.items()},
+            "response_length": float(lengths.mean()),
+            "eos_rate": float(r.ended.float().mean()),
+            "advantage_std": float(masked_mean(advantages**2, rmask).sqrt()),
+            "value_mean": float(masked_mean(r.values, rmask)),
+            "learning_rate": self.scheduler.get_last_lr()[0],
+        }
+        self.kl_ctl.update(metrics["kl"], n)
+        return metrics
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        core = self.core
+        if self.cfg.full:
+            return {k: v.detach().contiguous() for k, v in core.state_dict().items()}
+        return {k: v.detach().contiguous() for k, v in core.named_parameters() if v.requires_grad}
+
+    def save_checkpoint(self) -> Path:
+        folder = self.out / "checkpoints" / f"step-{self.step:06d}"
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(self.trainable_state(), tmp / "trainable.safetensors")
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+                "numpy_rng": np.random.get_state(),
+            },
+            tmp / "state.pt",
+        )
+        state = {
+            "step": self.step,
+            "kl_controller": self.kl_ctl.state_dict(),
+            "prompt_stream": self.stream.state_dict(),
+            "reward_history": self.history,
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        kept = sorted(p for p in (self.out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
+        for old in kept[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def load_checkpoint(self, folder: Path) -> None:
+        state = load_file(folder / "trainable.safetensors")
+        missing = set(self.trainable_state()) - set(state)
+        if missing:
+            raise RlhfkitError(f"{folder}: checkpoint lacks {sorted(missing)[:3]} (made with other settings?)")
+        self.core.load_state_dict(state, strict=False)
+        extra = torch.load(folder / "state.pt", weights_only=False)
+        self.optimizer.load_state_dict(extra["optimizer"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        torch.set_rng_state(extra["torch_rng"])
+        random.setstate(extra["python_rng"])
+        np.random.set_state(extra["numpy_rng"])
+        meta = json.loads((folder / "trainer_state.json").read_text())
+        self.step = meta["step"]
+        self.kl_ctl.load_state_dict(meta["kl_controller"])
+        self.stream = PromptStream(len(self.records), self.cfg.seed, **meta["prompt_stream"])
+        self.history = list(meta["reward_history"])
+
+    # -- outputs ----------------------------------------------------------------------------------
+
+    def save_final(self, metrics: dict[str, float]) -> None:
+        core = self.core
+        save_file({k: v.contiguous() for k, v in core.value_head.state_dict().items()}, self.out / "value_head.safetensors")
+        if self.cfg.full:
+            core.trunk.save_pretrained(self.out / "model")
+            self.tokenizer.save_pretrained(self.out / "model")
+        else:
+            core.trunk.save_pretrained(self.out / "adapter", selected_adapters=[POLICY])
+        write_model_card(self.out, self.cfg, metrics, self.step)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg
+        log_path = self.out / "metrics.jsonl"
+        writer = _tensorboard(self.out)
+        last: dict[str, float] = {}
+        stop_reason = f"reached max_steps={cfg.max_steps}"
+        progress = Progress(
+            TextColumn("[bold]ppo"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        with progress, log_path.open("a", encoding="utf-8") as log:
+            task = progress.add_task("ppo", total=cfg.max_steps, completed=self.step, info="")
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                rollout, timing = self.rollout(self.stream.take(cfg.batch_size))
+                t1 = time.perf_counter()
+                metrics = self.ppo_step(rollout)
+                self.step += 1
+                row = {"step": self.step, **metrics, **timing, "time_train": time.perf_counter() - t1}
+                row["seconds"] = time.perf_counter() - t0
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                if writer is not None:
+                    for key, value in row.items():
+                        writer.add_scalar(f"ppo/{key}", value, self.step)
+                last = row
+                self.history = ([*self.history, row["reward_mean"]])[-cfg.threshold_window :]
+                progress.update(
+                    task,
+                    completed=self.step,
+                    info=f"reward {row['reward_mean']:+.3f} kl {row['kl']:.3f} {row['seconds']:.1f}s/step",
+                )
+                if not math.isfinite(row["kl"]):
+                    raise RlhfkitError(f"step {self.step}: KL turned NaN/inf; --resume from the last checkpoint with a lower learning rate")
+                if row["kl"] > cfg.max_kl:
+                    stop_reason = f"KL {row['kl']:.2f} passed --max-kl {cfg.max_kl}: the policy drifted too far"
+                    console.print(f"[yellow]stopping: {stop_reason}[/yellow]")
+                    break
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save_checkpoint()
+                moving = sum(self.history) / len(self.history)
+                if (
+                    cfg.reward_threshold is not None
+                    and len(self.history) >= cfg.threshold_window
+                    and moving >= cfg.reward_threshold
+                ):
+                    stop_reason = f"moving-average reward {moving:.3f} reached --reward-threshold {cfg.reward_threshold}"
+                    break
+        if writer is not None:
+            writer.close()
+        self.save_checkpoint()
+        summary = {"steps": self.step, "stop": stop_reason, **{k: last.get(k) for k in ("reward_mean", "kl", "kl_coef", "entropy", "response_length", "eos_rate", "seconds")}}
+        self.save_final(summary)
+        return summary
+
+
+def _tensorboard(out: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def write_model_card(out: Path, cfg: PPOConfig, summary: dict, steps: int) -> None:
+    kind = "full fine-tune" if cfg.full else f"LoRA r={cfg.lora_r} on the top {cfg.trainable_layers or 'all'} layers"
+    lines = [
+        f"# PPO policy ({cfg.policy})",
+        "",
+        "Trained by `rlhf ppo` (rlhfkit): PPO against a reward with a KL penalty to the base model.",
+        "",
+        f"- base model: `{cfg.policy}` ({kind})",
+        f"- reward: `{cfg.reward}`",
+        f"- prompts: `{cfg.prompts}`",
+        f"- steps: {steps} x {cfg.batch_size} prompts, {cfg.ppo_epochs} PPO epochs, learning rate {cfg.learning_rate}, "
+        f"KL coef {cfg.kl_coef}{' (adaptive, target ' + str(cfg.target_kl) + ')' if cfg.target_kl else ''}",
+        "",
+        "| last step | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
+    lines += ["", "Files: `adapter/` (peft) or `model/`, `value_head.safetensors`, `metrics.jsonl`, `checkpoints/`.", ""]
+    (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return found[-1] if found else None
+
+
+def run_ppo(cfg: PPOConfig) -> dict[str, float]:
+    """Start a run, or continue one with ``resume``; returns the summary of the last step."""
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+        if not (run_dir / "config.yaml").exists():
+            raise RlhfkitError(f"{run_dir}: not a PPO run directory (no config.yaml)")
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        if cfg.max_steps is not None:
+            saved["max_steps"] = cfg.max_steps
+        saved["resume"] = str(run_dir)
+        cfg = PPOConfig(**saved)
+        checkpoint = latest_checkpoint(run_dir)
+        trainer = PPOTrainer(cfg)
+        if checkpoint is not None:
+            trainer.load_checkpoint(checkpoint)
+            _truncate_log(run_dir / "metrics.jsonl", trainer.step)
+            console.print(f"resuming {run_dir} from step {trainer.step} ({checkpoint.name})")
+        else:
+            _truncate_log(run_dir / "metrics.jsonl", 0)
+        save_config(cfg, run_dir / "config.yaml")
+    else:
+        missing = [f"--{name}" for name in ("reward", "prompts", "out") if not getattr(cfg, name)]
+        if missing:
+            raise RlhfkitError(f"missing required option {', '.join(missing)} (or --resume RUN_DIR)")
+        out = Path(cfg.out)
+        if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size:
+            raise RlhfkitError(f"{out}: already holds a run; continue it with --resume {out} or pick another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.max_steps is None:
+            cfg.max_steps = DEFAULT_MAX_STEPS
+        save_config(cfg, out / "config.yaml")
+        trainer = PPOTrainer(cfg)
+    summary = trainer.train()
+    return summary
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop metric rows written after the checkpoint we resume from (a killed run's partial tail)."""
+    if not path.exists():
+        return
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                rows.append(line)
+        except json.JSONDecodeError:
+            break  # a line cut by the kill
+    path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+
+
+def print_summary(summary: dict) -> None:
+    table = Table(title="ppo")
+    table.add_column("")
+    table.add_column("", justify="right")
+    for key, value in summary.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+

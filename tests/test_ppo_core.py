@@ -1,0 +1,124 @@
+"""PPO formulas against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhfkit.ppo.core import (
+    KLController,
+    entropy_from_logits,
+    gae,
+    kl_per_token,
+    masked_mean,
+    masked_var,
+    policy_loss,
+    token_rewards,
+    value_loss,
+    whiten,
+)
+
+
+def close(actual: torch.Tensor, expected: list) -> None:
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), atol=1e-6, rtol=1e-5)
+
+
+def test_masked_mean_and_var() -> None:
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 100.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert float(masked_mean(x, mask)) == pytest.approx(2.0)
+    assert masked_mean(x, mask, dim=1).tolist() == pytest.approx([1.5, 3.0])
+    assert float(masked_var(x, mask)) == pytest.approx(1.0)  # unbiased var of 1, 2, 3
+
+
+def test_whiten_ignores_padding() -> None:
+    x = torch.tensor([[1.0, 2.0, 50.0], [3.0, 50.0, 50.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    out = whiten(x, mask)
+    close(out, [[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    kept = whiten(x, mask, shift_mean=False)
+    assert kept[0, :2].tolist() == pytest.approx([2 - 1.0, 2 + 0.0], abs=1e-6)
+
+
+def test_kl_estimators() -> None:
+    logp = torch.tensor([math.log(0.5), math.log(0.2)])
+    ref = torch.tensor([math.log(0.25), math.log(0.4)])
+    k1 = kl_per_token(logp, ref, "k1")
+    assert k1.tolist() == pytest.approx([math.log(2), math.log(0.5)])
+    k3 = kl_per_token(logp, ref, "k3")  # r = q/p: 0.5 and 2
+    assert k3.tolist() == pytest.approx([(0.5 - 1) - math.log(0.5), (2 - 1) - math.log(2)])
+    assert (k3 >= 0).all()
+    with pytest.raises(ValueError):
+        kl_per_token(logp, ref, "k2")
+
+
+def test_token_rewards_put_score_on_last_real_token() -> None:
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    rewards = token_rewards(torch.tensor([1.0, -2.0]), kl, kl_coef=0.5, mask=mask)
+    close(rewards, [[-0.05, -0.1 + 1.0, 0.0], [-0.2, -0.25, -0.3 - 2.0]])
+
+
+def test_gae_by_hand() -> None:
+    rewards = torch.tensor([[0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.2, 9.0]])  # 9.0 sits on padding and must not leak in
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    gamma, lam = 0.9, 0.8
+    delta1 = 1.0 + gamma * 0.0 - 0.2
+    delta0 = 0.0 + gamma * 0.2 - 0.5
+    a1 = delta1
+    a0 = delta0 + gamma * lam * a1
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    close(advantages, [[a0, a1, 0.0]])
+    close(returns, [[a0 + 0.5, a1 + 0.2, 0.0]])
+
+
+def test_gae_with_lambda_one_gamma_one_is_reward_to_go_minus_value() -> None:
+    rewards = torch.tensor([[0.1, 0.2, 0.7]])
+    values = torch.tensor([[0.3, 0.1, 0.4]])
+    advantages, returns = gae(rewards, values, torch.ones(1, 3), 1.0, 1.0)
+    close(returns, [[1.0, 0.9, 0.7]])
+    close(advantages, [[0.7, 0.8, 0.3]])
+
+
+def test_policy_loss_clips_by_hand() -> None:
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
+    adv = torch.tensor([[1.0, 1.0, -2.0]])
+    mask = torch.ones(1, 3)
+    loss, clip_frac, approx_kl = policy_loss(new, old, adv, mask, clip_range=0.2)
+    # token 0: ratio 1.5 clipped to 1.2 -> -1.2 ; token 1: min(0.5, 0.8) -> max(-0.5, -0.8) = -0.5
+    # token 2: ratio 1.1, adv -2 -> max(2.2, 2.2) = 2.2
+    assert float(loss) == pytest.approx((-1.2 - 0.5 + 2.2) / 3)
+    assert float(clip_frac) == pytest.approx(1 / 3)
+    assert float(approx_kl) == pytest.approx(0.5 * float((new**2).mean()))
+
+
+def test_value_loss_clips_by_hand() -> None:
+    old = torch.tensor([[0.0, 0.0]])
+    new = torch.tensor([[1.0, 0.1]])
+    returns = torch.tensor([[2.0, 1.0]])
+    loss, clip_frac = value_loss(new, old, returns, torch.ones(1, 2), clip_range=0.2)
+    # token 0: unclipped (1-2)^2 = 1, clipped (0.2-2)^2 = 3.24 -> 3.24; token 1: both 0.81
+    assert float(loss) == pytest.approx(0.5 * (3.24 + 0.81) / 2)
+    assert float(clip_frac) == pytest.approx(0.5)
+
+
+def test_entropy_of_uniform() -> None:
+    assert float(entropy_from_logits(torch.zeros(4))) == pytest.approx(math.log(4))
+
+
+def test_kl_controller_fixed_and_adaptive() -> None:
+    fixed = KLController(0.1)
+    fixed.update(5.0, 64)
+    assert fixed.value == 0.1
+    adaptive = KLController(0.1, target=6.0, horizon=10000)
+    adaptive.update(12.0, 100)  # error clipped to +0.2
+    assert adaptive.value == pytest.approx(0.1 * (1 + 0.2 * 100 / 10000))
+    adaptive.update(5.4, 100)  # error -0.1
+    assert adaptive.value == pytest.approx(0.1 * 1.002 * (1 - 0.1 * 100 / 10000))
+    restored = KLController(1.0)
+    restored.load_state_dict(adaptive.state_dict())
+    assert restored == adaptive
