@@ -171,7 +171,9 @@ def run_label_judge(cfg: LabelJudgeConfig) -> dict:
 
     candidates = load_candidates(cfg.candidates)
     judge = load_judge(cfg.judge)
-    prefs = judge_preferences(candidates, judge, tau=cfg.tau, seed=cfg.seed, pairs=cfg.pairs, min_gap=cfg.min_gap)
+    prefs = judge_preferences(
+        candidates, judge, tau=cfg.tau, seed=cfg.seed, pairs=cfg.pairs, min_gap=cfg.min_gap
+    )
     write_jsonl(cfg.out, [preference_row(p, cfg.format) for p in prefs])
     summary = {**label_summary(prefs), "written to": cfg.out}
     _table(f"label judge ({cfg.judge})", summary)
@@ -265,7 +267,7 @@ _register_reward()
 # rlhf ppo
 
 
-def run_ppo_command(cfg) -> dict:  # noqa: ANN001
+def run_ppo_command(cfg) -> dict:
     from rlhfkit.ppo.trainer import print_summary, run_ppo
 
     summary = run_ppo(cfg)

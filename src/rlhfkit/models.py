@@ -100,7 +100,7 @@ def _smollm2_dir() -> Path:
 
 
 def _tiny_random_dir(seed: int = 0) -> Path:
-    target = cache_dir() / f"tiny-random-{seed}"
+    target = cache_dir() / f"tiny-random-v3-{seed}"
     if not (target / "model.safetensors").exists():
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -114,13 +114,17 @@ def _tiny_random_dir(seed: int = 0) -> Path:
                 num_attention_heads=4,
                 num_key_value_heads=2,
                 max_position_embeddings=2048,
-                tie_word_embeddings=True,
+                tie_word_embeddings=False,
                 bos_token_id=tok.bos_token_id,
                 eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id,
             )
             torch.manual_seed(seed)
-            LlamaForCausalLM(config).save_pretrained(tmp)
+            model = LlamaForCausalLM(config)
+            # An LM head (untied) large enough that logits spread like a real LM's (std ~2, not
+            # ~0.2): a policy can then shift probability mass in a few steps.
+            torch.nn.init.normal_(model.lm_head.weight, std=0.25)
+            model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
     return target
 

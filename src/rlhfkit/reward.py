@@ -72,7 +72,9 @@ class RewardTrainConfig:
     eval_fraction: float = option(0.1, "Fraction of prompts held out for evaluation.")
     seed: int = option(0, "Seed for the split, the head init and the shuffling.")
     full: bool = option(False, "Fine-tune every weight instead of LoRA adapters.")
-    lora_r: int = option(16, "LoRA rank (0 = no adapter: train the head alone, a linear probe on the frozen trunk).")
+    lora_r: int = option(
+        16, "LoRA rank (0 = no adapter: train the head alone, a linear probe on the frozen trunk)."
+    )
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r).")
     trainable_layers: int = option(4, "LoRA on the top N transformer layers only (0 = every layer).")
     cache_lower: bool = option(True, "Run the frozen lower layers once and reuse their output each epoch.")
@@ -303,7 +305,9 @@ def split_by_prompt(
     return train_idx, eval_idx
 
 
-def dedupe_sequences(pairs: Sequence[tuple[list[int], list[int]]]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+def dedupe_sequences(
+    pairs: Sequence[tuple[list[int], list[int]]],
+) -> tuple[list[list[int]], list[tuple[int, int]]]:
     """Unique sequences and, per pair, the indices of its chosen and rejected sequence.
 
     With K completions per prompt every completion appears in K-1 pairs: it is run once.

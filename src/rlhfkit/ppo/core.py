@@ -55,9 +55,7 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
     return (mask.sum(-1).long() - 1).clamp(min=0)
 
 
-def token_rewards(
-    scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor
-) -> torch.Tensor:
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor) -> torch.Tensor:
     """Reward per token: ``-kl_coef * kl`` everywhere, plus the sequence score at the last token."""
     rewards = -kl_coef * kl * mask
     rows = torch.arange(rewards.shape[0], device=rewards.device)

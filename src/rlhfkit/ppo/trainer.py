@@ -97,9 +97,13 @@ class PPOConfig:
     reward: str = option(REQUIRED, "Reward: a reward-model directory, judge:NAME or module:function.")
     prompts: str = option(REQUIRED, "Prompt file (.jsonl/.json/.parquet) or builtin:NAME.")
     out: str = option(REQUIRED, "Run directory to create.")
-    policy: str = option(DEFAULT_MODEL, "Policy model: smollm2-135m, tiny-random, a model directory or org/name.")
+    policy: str = option(
+        DEFAULT_MODEL, "Policy model: smollm2-135m, tiny-random, a model directory or org/name."
+    )
     resume: str = option("", "Continue the run in this directory from its last checkpoint.")
-    max_steps: int | None = option(None, "PPO steps (one rollout batch each) in total; default 100, on --resume the run's own.")
+    max_steps: int | None = option(
+        None, "PPO steps (one rollout batch each) in total; default 100, on --resume the run's own."
+    )
     batch_size: int = option(16, "Prompts per step (rollout batch).")
     mini_batch_size: int = option(8, "Rollouts per gradient step.")
     ppo_epochs: int = option(4, "Passes over each rollout batch.")
@@ -109,14 +113,20 @@ class PPOConfig:
     learning_rate: float = option(1e-4, "AdamW learning rate.")
     lr_schedule: str = option("constant", "constant, or linear (decays to 0 at max_steps).")
     kl_coef: float = option(0.05, "KL penalty coefficient (initial value with --target-kl).")
-    target_kl: float | None = option(None, "Adaptive KL controller target (nats per sequence); unset = fixed coefficient.")
+    target_kl: float | None = option(
+        None, "Adaptive KL controller target (nats per sequence); unset = fixed coefficient."
+    )
     kl_horizon: int = option(10000, "Adaptive KL controller horizon, in rollouts.")
     kl_estimator: str = option("k1", "Per-token KL estimator in the reward: k1 (log ratio) or k3.")
     max_kl: float = option(100.0, "Stop when the mean sequence KL passes this bound (nats).")
     reward_threshold: float | None = option(None, "Stop when the moving-average reward reaches this.")
     threshold_window: int = option(5, "Steps in the reward moving average.")
-    missing_eos_penalty: float | None = option(-1.0, "Score given to responses without EOS (unset = keep their score).")
-    normalize_reward: bool = option(True, "Normalise reward-model scores with the mean/std saved at training.")
+    missing_eos_penalty: float | None = option(
+        -1.0, "Score given to responses without EOS (unset = keep their score)."
+    )
+    normalize_reward: bool = option(
+        True, "Normalise reward-model scores with the mean/std saved at training."
+    )
     whiten_rewards: bool = option(False, "Whiten the per-token rewards over the batch before GAE.")
     gamma: float = option(1.0, "Discount factor.")
     lam: float = option(0.95, "GAE lambda.")
@@ -127,7 +137,9 @@ class PPOConfig:
     full: bool = option(False, "Fine-tune every weight (keeps a frozen reference copy) instead of LoRA.")
     lora_r: int = option(16, "LoRA rank.")
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r).")
-    trainable_layers: int = option(4, "LoRA on the top N layers only; the frozen ones below run once per rollout (0 = all).")
+    trainable_layers: int = option(
+        4, "LoRA on the top N layers only; the frozen ones below run once per rollout (0 = all)."
+    )
     save_every: int = option(10, "Checkpoint every N steps (the last step is always saved).")
     keep_checkpoints: int = option(2, "Checkpoints kept on disk (oldest removed).")
     seed: int = option(0, "Seed of prompt order, sampling and initialisation.")
@@ -225,8 +237,12 @@ class RewardSource:
                 )
             self.judge = load_judge(spec)
             return
-        meta = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").exists() else {}
-        metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else {}
+        meta = (
+            yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").exists() else {}
+        )
+        metrics = (
+            json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else {}
+        )
         self.mean, self.std = metrics.get("score_mean", 0.0), metrics.get("score_std", 1.0) or 1.0
         shares_base = meta.get("model") == policy_name and not (folder / "model").is_dir() and not full
         if shares_base:
@@ -262,7 +278,7 @@ class RewardSource:
         lower: torch.Tensor | None,
         prompts: Sequence[str],
         texts: Sequence[str],
-        tokenizer,  # noqa: ANN001
+        tokenizer,
     ) -> torch.Tensor:
         """Raw scores; ``ids``/``mask``/``lower`` cover ``query + response + EOS``."""
         if self.judge is not None:
@@ -271,7 +287,9 @@ class RewardSource:
             from rlhfkit.reward import score_sequences
 
             rows = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
-            return torch.tensor(score_sequences(self.model, rows, tokenizer.pad_token_id), dtype=torch.float32)
+            return torch.tensor(
+                score_sequences(self.model, rows, tokenizer.pad_token_id), dtype=torch.float32
+            )
         with self._reward_adapter(policy):
             if lower is not None and self.adapter_split >= split:
                 hidden = upper_hidden(policy, lower, mask, split)
@@ -326,7 +344,9 @@ class PromptStream:
         self.n, self.seed, self.epoch, self.index = n, seed, epoch, index
 
     def _order(self) -> list[int]:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        return torch.randperm(
+            self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)
+        ).tolist()
 
     def take(self, k: int) -> list[int]:
         out: list[int] = []
@@ -363,7 +383,10 @@ class PPOTrainer:
         records = load_prompts(cfg.prompts)
         self.records: list[PromptRecord] = records
         self.tokenizer = load_tokenizer(cfg.policy)
-        self.queries = [ids[-cfg.max_prompt_tokens :] for ids in encode_prompts(self.tokenizer, [r.prompt for r in records])]
+        self.queries = [
+            ids[-cfg.max_prompt_tokens :]
+            for ids in encode_prompts(self.tokenizer, [r.prompt for r in records])
+        ]
         self.prompt_texts = [prompt_text(r.prompt) for r in records]
         self.stream = PromptStream(len(records), cfg.seed)
 
@@ -382,7 +405,9 @@ class PPOTrainer:
             trainable = n_layers if cfg.trainable_layers == 0 else min(cfg.trainable_layers, n_layers)
             self.split = n_layers - trainable
             base.requires_grad_(False)
-            trunk = get_peft_model(base, lora_config(base, cfg.lora_r, cfg.lora_alpha, first_layer=self.split))
+            trunk = get_peft_model(
+                base, lora_config(base, cfg.lora_r, cfg.lora_alpha, first_layer=self.split)
+            )
             if self.reward.adapter_dir is not None:
                 trunk.load_adapter(self.reward.adapter_dir, adapter_name=REWARD, is_trainable=False)
                 trunk.set_adapter(POLICY)
@@ -483,7 +508,9 @@ class PPOTrainer:
         advantages, returns = gae(rewards, r.values, rmask, cfg.gamma, cfg.lam)
         advantages = whiten(advantages, rmask)
 
-        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl")}
+        stats: dict[str, list[float]] = {
+            k: [] for k in ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl")
+        }
         self.model.train()
         n = r.ids.shape[0]
         generator = torch.Generator().manual_seed(cfg.seed * 100003 + self.step)
@@ -493,12 +520,17 @@ class PPOTrainer:
                 mb = order[start : start + cfg.mini_batch_size]
                 lower = r.lower[mb] if r.lower is not None else None
                 logprobs, values, _ = self.model(r.ids[mb], r.mask[mb], lower, r.query_len, cfg.temperature)
-                pg_loss, clip_frac, approx_kl = policy_loss(logprobs, r.logprobs[mb], advantages[mb], rmask[mb], cfg.clip_range)
-                vf_loss, vf_clip = value_loss(values, r.values[mb], returns[mb], rmask[mb], cfg.clip_range_value)
+                pg_loss, clip_frac, approx_kl = policy_loss(
+                    logprobs, r.logprobs[mb], advantages[mb], rmask[mb], cfg.clip_range
+                )
+                vf_loss, vf_clip = value_loss(
+                    values, r.values[mb], returns[mb], rmask[mb], cfg.clip_range_value
+                )
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 if not torch.isfinite(loss):
                     raise RlhfkitError(
-                        f"step {self.step + 1}: the loss turned NaN/inf (policy {float(pg_loss)}, value {float(vf_loss)}); "
+                        f"step {self.step + 1}: the loss turned NaN/inf "
+                        f"(policy {float(pg_loss)}, value {float(vf_loss)}); "
                         "lower --learning-rate or raise --kl-coef, then --resume from the last checkpoint"
                     )
                 self.accelerator.backward(loss)
@@ -578,7 +610,9 @@ class PPOTrainer:
         state = load_file(folder / "trainable.safetensors")
         missing = set(self.trainable_state()) - set(state)
         if missing:
-            raise RlhfkitError(f"{folder}: checkpoint lacks {sorted(missing)[:3]} (made with other settings?)")
+            raise RlhfkitError(
+                f"{folder}: checkpoint lacks {sorted(missing)[:3]} (made with other settings?)"
+            )
         self.core.load_state_dict(state, strict=False)
         extra = torch.load(folder / "state.pt", weights_only=False)
         self.optimizer.load_state_dict(extra["optimizer"])
@@ -596,7 +630,10 @@ class PPOTrainer:
 
     def save_final(self, metrics: dict[str, float]) -> None:
         core = self.core
-        save_file({k: v.contiguous() for k, v in core.value_head.state_dict().items()}, self.out / "value_head.safetensors")
+        save_file(
+            {k: v.contiguous() for k, v in core.value_head.state_dict().items()},
+            self.out / "value_head.safetensors",
+        )
         if self.cfg.full:
             core.trunk.save_pretrained(self.out / "model")
             self.tokenizer.save_pretrained(self.out / "model")
@@ -643,9 +680,14 @@ class PPOTrainer:
                     info=f"reward {row['reward_mean']:+.3f} kl {row['kl']:.3f} {row['seconds']:.1f}s/step",
                 )
                 if not math.isfinite(row["kl"]):
-                    raise RlhfkitError(f"step {self.step}: KL turned NaN/inf; --resume from the last checkpoint with a lower learning rate")
+                    raise RlhfkitError(
+                        f"step {self.step}: KL turned NaN/inf; "
+                        "--resume from the last checkpoint with a lower learning rate"
+                    )
                 if row["kl"] > cfg.max_kl:
-                    stop_reason = f"KL {row['kl']:.2f} passed --max-kl {cfg.max_kl}: the policy drifted too far"
+                    stop_reason = (
+                        f"KL {row['kl']:.2f} passed --max-kl {cfg.max_kl}: the policy drifted too far"
+                    )
                     console.print(f"[yellow]stopping: {stop_reason}[/yellow]")
                     break
                 if cfg.save_every and self.step % cfg.save_every == 0:
@@ -661,7 +703,14 @@ class PPOTrainer:
         if writer is not None:
             writer.close()
         self.save_checkpoint()
-        summary = {"steps": self.step, "stop": stop_reason, **{k: last.get(k) for k in ("reward_mean", "kl", "kl_coef", "entropy", "response_length", "eos_rate", "seconds")}}
+        summary = {
+            "steps": self.step,
+            "stop": stop_reason,
+            **{
+                k: last.get(k)
+                for k in ("reward_mean", "kl", "kl_coef", "entropy", "response_length", "eos_rate", "seconds")
+            },
+        }
         self.save_final(summary)
         return summary
 
@@ -675,7 +724,11 @@ def _tensorboard(out: Path) -> Any:
 
 
 def write_model_card(out: Path, cfg: PPOConfig, summary: dict, steps: int) -> None:
-    kind = "full fine-tune" if cfg.full else f"LoRA r={cfg.lora_r} on the top {cfg.trainable_layers or 'all'} layers"
+    kind = (
+        "full fine-tune"
+        if cfg.full
+        else f"LoRA r={cfg.lora_r} on the top {cfg.trainable_layers or 'all'} layers"
+    )
     lines = [
         f"# PPO policy ({cfg.policy})",
         "",
@@ -684,19 +737,26 @@ def write_model_card(out: Path, cfg: PPOConfig, summary: dict, steps: int) -> No
         f"- base model: `{cfg.policy}` ({kind})",
         f"- reward: `{cfg.reward}`",
         f"- prompts: `{cfg.prompts}`",
-        f"- steps: {steps} x {cfg.batch_size} prompts, {cfg.ppo_epochs} PPO epochs, learning rate {cfg.learning_rate}, "
+        f"- steps: {steps} x {cfg.batch_size} prompts, {cfg.ppo_epochs} PPO epochs, "
+        f"learning rate {cfg.learning_rate}, "
         f"KL coef {cfg.kl_coef}{' (adaptive, target ' + str(cfg.target_kl) + ')' if cfg.target_kl else ''}",
         "",
         "| last step | value |",
         "|---|---|",
     ]
     lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
-    lines += ["", "Files: `adapter/` (peft) or `model/`, `value_head.safetensors`, `metrics.jsonl`, `checkpoints/`.", ""]
+    lines += [
+        "",
+        "Files: `adapter/` (peft) or `model/`, `value_head.safetensors`, `metrics.jsonl`, `checkpoints/`.",
+        "",
+    ]
     (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    found = sorted(
+        p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
+    )
     return found[-1] if found else None
 
 
@@ -726,7 +786,9 @@ def run_ppo(cfg: PPOConfig) -> dict[str, float]:
             raise RlhfkitError(f"missing required option {', '.join(missing)} (or --resume RUN_DIR)")
         out = Path(cfg.out)
         if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size:
-            raise RlhfkitError(f"{out}: already holds a run; continue it with --resume {out} or pick another --out")
+            raise RlhfkitError(
+                f"{out}: already holds a run; continue it with --resume {out} or pick another --out"
+            )
         out.mkdir(parents=True, exist_ok=True)
         if cfg.max_steps is None:
             cfg.max_steps = DEFAULT_MAX_STEPS
@@ -757,4 +819,3 @@ def print_summary(summary: dict) -> None:
     for key, value in summary.items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     Console().print(table)
-
