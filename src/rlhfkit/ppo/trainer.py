@@ -698,7 +698,7 @@ class PPOTrainer:
                     and len(self.history) >= cfg.threshold_window
                     and moving >= cfg.reward_threshold
                 ):
-                    stop_reason = f"moving-average reward {moving:.3f} reached --reward-threshold {cfg.reward_threshold}"
+                    stop_reason = f"moving-average reward {moving:.3f} reached --reward-threshold"
                     break
         if writer is not None:
             writer.close()
