@@ -124,14 +124,10 @@ def test_help_exits_zero(path: tuple[str, ...], command: Any) -> None:
 @pytest.mark.parametrize(("path", "command"), COMMANDS, ids=COMMAND_IDS)
 def test_every_param_has_help(path: tuple[str, ...], command: Any) -> None:
     for param in command.params:
-        assert (getattr(param, "help", None) or "").strip(), (
-            f"{' '.join(path)}: {param.name} has no help text"
-        )
+        assert (getattr(param, "help", None) or "").strip(), f"{' '.join(path)}: {param.name} has no help text"
 
 
-@pytest.mark.parametrize(
-    ("path", "command", "cls"), CONFIG_COMMANDS, ids=[" ".join(p) for p, _, _ in CONFIG_COMMANDS]
-)
+@pytest.mark.parametrize(("path", "command", "cls"), CONFIG_COMMANDS, ids=[" ".join(p) for p, _, _ in CONFIG_COMMANDS])
 def test_config_command_flags_match_dataclass_fields(path: tuple[str, ...], command: Any, cls: type) -> None:
     fields = dataclasses.fields(cls)
     hints = typing.get_type_hints(cls)
@@ -147,12 +143,8 @@ def test_config_command_flags_match_dataclass_fields(path: tuple[str, ...], comm
         assert f.metadata["help"] in param.help
 
 
-@pytest.mark.parametrize(
-    ("path", "command", "cls"), CONFIG_COMMANDS, ids=[" ".join(p) for p, _, _ in CONFIG_COMMANDS]
-)
-def test_config_command_help_documents_every_flag_with_default(
-    path: tuple[str, ...], command: Any, cls: type
-) -> None:
+@pytest.mark.parametrize(("path", "command", "cls"), CONFIG_COMMANDS, ids=[" ".join(p) for p, _, _ in CONFIG_COMMANDS])
+def test_config_command_help_documents_every_flag_with_default(path: tuple[str, ...], command: Any, cls: type) -> None:
     text = ok(*path, "--help").output
     lines = text.splitlines()
     assert "--config" in text
@@ -208,19 +200,14 @@ def test_data_check_chat_prompts_json_array(tmp_path: Path) -> None:
 
 
 def test_data_check_candidates(tmp_path: Path) -> None:
-    rows = [
-        {"prompt": p["prompt"], "completions": ["One answer.", "Another answer."], "model": "m"}
-        for p in PROMPTS
-    ]
+    rows = [{"prompt": p["prompt"], "completions": ["One answer.", "Another answer."], "model": "m"} for p in PROMPTS]
     path = write_jsonl(tmp_path / "candidates.jsonl", rows)
     out = _check_line(ok("data", "check", path))
     assert "candidates" in out and "3 rows" in out
 
 
 def test_data_check_trl_preferences(tmp_path: Path) -> None:
-    rows = [
-        {"prompt": f"Question {i}?", "chosen": "A kind reply.", "rejected": "A curt reply."} for i in range(5)
-    ]
+    rows = [{"prompt": f"Question {i}?", "chosen": "A kind reply.", "rejected": "A curt reply."} for i in range(5)]
     path = write_jsonl(tmp_path / "trl.jsonl", rows)
     out = _check_line(ok("data", "check", path))
     assert "preferences" in out and "trl" in out and "5 rows" in out
@@ -452,9 +439,7 @@ def test_label_judge_user_judge_trl(judged: tuple[Path, str], tmp_path: Path) ->
     assert len(prefs) == 3 + 6 + 1  # every pair of completions per prompt
     for pref in prefs:
         assert _count(pref.chosen) > _count(pref.rejected), (pref.chosen, pref.rejected)
-    assert [p.prompt for p in prefs] == ["Describe the weather."] * 3 + ["How was the trip?"] * 6 + [
-        "Any plans?"
-    ]
+    assert [p.prompt for p in prefs] == ["Describe the weather."] * 3 + ["How was the trip?"] * 6 + ["Any plans?"]
     assert prefs[0].extra.get("batch") == 1  # extra keys of candidate rows are kept
     check = squash(ok("data", "check", out).stdout)
     assert f"preferences (trl), {len(prefs)} rows" in check
@@ -484,9 +469,7 @@ def test_label_judge_seed_reproducible(judged: tuple[Path, str], tmp_path: Path)
 
 def test_label_judge_unknown_judge(judged: tuple[Path, str], tmp_path: Path) -> None:
     candidates, _ = judged
-    line = user_error(
-        "label", "judge", "--candidates", candidates, "--out", tmp_path / "p.jsonl", "--judge", "nope"
-    )
+    line = user_error("label", "judge", "--candidates", candidates, "--out", tmp_path / "p.jsonl", "--judge", "nope")
     assert "nope" in line and "nontoxic" in line
     assert not (tmp_path / "p.jsonl").exists()
 
@@ -494,9 +477,7 @@ def test_label_judge_unknown_judge(judged: tuple[Path, str], tmp_path: Path) -> 
 def test_label_judge_missing_judge_function(judged: tuple[Path, str], tmp_path: Path) -> None:
     candidates, judge = judged
     bad = judge.rsplit(":", 1)[0] + ":no_such_fn"
-    line = user_error(
-        "label", "judge", "--candidates", candidates, "--out", tmp_path / "p.jsonl", "--judge", bad
-    )
+    line = user_error("label", "judge", "--candidates", candidates, "--out", tmp_path / "p.jsonl", "--judge", bad)
     assert "no_such_fn" in line
 
 
@@ -610,9 +591,7 @@ def test_reward_eval_on_vertex_data(reward_run: tuple[Path, Path, Any], tmp_path
 def test_reward_score_prints_a_score(reward_run: tuple[Path, Path, Any]) -> None:
     _, out, _ = reward_run
     prompt = "Question 3: describe the day."
-    good = ok(
-        "reward", "score", "--reward-model", out, "--prompt", prompt, "--completion", "sunny calm warm kind"
-    )
+    good = ok("reward", "score", "--reward-model", out, "--prompt", prompt, "--completion", "sunny calm warm kind")
     plain = ok(
         "reward",
         "score",
@@ -629,9 +608,7 @@ def test_reward_score_prints_a_score(reward_run: tuple[Path, Path, Any]) -> None
 
 def test_reward_score_not_a_reward_model(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("nothing here", encoding="utf-8")
-    line = user_error(
-        "reward", "score", "--reward-model", tmp_path, "--prompt", "Hi", "--completion", "Hello"
-    )
+    line = user_error("reward", "score", "--reward-model", tmp_path, "--prompt", "Hi", "--completion", "Hello")
     assert str(tmp_path) in line and "not a reward model" in line
 
 
@@ -664,9 +641,7 @@ def test_reward_train_bad_options(tmp_path: Path) -> None:
 
 
 def test_demo_unknown_prompt_set(tmp_path: Path) -> None:
-    line = user_error(
-        "demo", "--out", tmp_path / "demo", "--prompts", "builtin:nope", "--model", "tiny-random"
-    )
+    line = user_error("demo", "--out", tmp_path / "demo", "--prompts", "builtin:nope", "--model", "tiny-random")
     assert "builtin:nope" in line
 
 

@@ -133,9 +133,7 @@ def test_flags_override_yaml(toy, tmp_path: Path) -> None:
         tmp_path / "toy.yaml",
         "name: yaml-name\nsteps: 7\nrate: 0.25\nverbose: true\nshuffle: false\ntags: [a, b]\n",
     )
-    cfg = ok(
-        toy, "--config", path, "--steps", "9", "--no-verbose", "--shuffle", "--tags", "z", "--name", "flag"
-    )
+    cfg = ok(toy, "--config", path, "--steps", "9", "--no-verbose", "--shuffle", "--tags", "z", "--name", "flag")
     # Flags win; keys without a flag keep the YAML value.
     assert cfg == ToyConfig("flag", 9, 0.25, False, True, ["z"], None, 10)
 
@@ -351,9 +349,7 @@ def test_resolve_config_errors_are_rlhfkit_errors(tmp_path: Path) -> None:
     [
         ToyConfig(name="plain"),
         # Values YAML would misread if written unquoted: bools, nulls, numbers as strings.
-        ToyConfig(
-            name="on", steps=0, rate=1e-6, verbose=True, shuffle=False, tags=["null", "1", "yes"], note="3.5"
-        ),
+        ToyConfig(name="on", steps=0, rate=1e-6, verbose=True, shuffle=False, tags=["null", "1", "yes"], note="3.5"),
         ToyConfig(name="with: colon # and hash", rate=12345.678, tags=[], note="multi\nline"),
     ],
 )

@@ -333,9 +333,7 @@ def test_json_array_errors(tmp_path: Path) -> None:
 
 
 def test_parquet_errors(tmp_path: Path) -> None:
-    path = write(
-        tmp_path / "p.parquet", [{"prompt": "a", "chosen": "x", "rejected": "y"}] * 2 + [{"prompt": "b"}]
-    )
+    path = write(tmp_path / "p.parquet", [{"prompt": "a", "chosen": "x", "rejected": "y"}] * 2 + [{"prompt": "b"}])
     message = error(path)
     assert message.startswith(f"{path}:row 3: missing field 'chosen'"), message
     junk = tmp_path / "junk.parquet"

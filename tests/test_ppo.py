@@ -202,22 +202,16 @@ def test_ppo_with_a_shared_backbone_reward_model(tmp_path: Path, prompts: Path) 
     from rlhfkit.reward import RewardTrainConfig, train_reward_model
 
     prefs = tmp_path / "prefs.jsonl"
-    write_jsonl(
-        prefs, [{"prompt": f"p{i}", "chosen": "good kind words", "rejected": f"bad {i}"} for i in range(24)]
-    )
+    write_jsonl(prefs, [{"prompt": f"p{i}", "chosen": "good kind words", "rejected": f"bad {i}"} for i in range(24)])
     train_reward_model(
-        RewardTrainConfig(
-            data=str(prefs), out=str(tmp_path / "rm"), model="tiny-random", trainable_layers=1, epochs=1
-        ),
+        RewardTrainConfig(data=str(prefs), out=str(tmp_path / "rm"), model="tiny-random", trainable_layers=1, epochs=1),
         show_summary=False,
     )
     cfg = small_config(prompts, tmp_path / "run", reward=str(tmp_path / "rm"), max_steps=2)
     trainer = PPOTrainer(cfg)
     reward_before = {k: v.clone() for k, v in trainer.core.trunk.named_parameters() if ".reward." in k}
     assert reward_before, "the reward adapter should be loaded onto the policy's base"
-    assert torch.equal(
-        trainer.core.value_head.weight, trainer.reward.head.weight
-    )  # value head from reward head
+    assert torch.equal(trainer.core.value_head.weight, trainer.reward.head.weight)  # value head from reward head
     trainer.train()
     for key, value in trainer.core.trunk.named_parameters():
         if key in reward_before:

@@ -76,9 +76,7 @@ def test_split_by_prompt_keeps_prompts_apart() -> None:
 @pytest.fixture(scope="module")
 def tiny_reward():
     model = load_causal_lm("tiny-random")
-    return RewardModel(model, new_head(model.config.hidden_size, seed=0), split=1), load_tokenizer(
-        "tiny-random"
-    )
+    return RewardModel(model, new_head(model.config.hidden_size, seed=0), split=1), load_tokenizer("tiny-random")
 
 
 def test_score_same_for_left_right_and_no_padding(tiny_reward) -> None:
@@ -102,9 +100,7 @@ def test_cached_lower_layers_score_the_same(tiny_reward) -> None:
     model, tok = tiny_reward
     ids, mask = right_pad([tok("one two three")["input_ids"], tok("four")["input_ids"]], tok.pad_token_id)
     with torch.no_grad():
-        assert torch.allclose(
-            model.score_from_lower(model.lower(ids, mask), mask), model(ids, mask), atol=1e-5
-        )
+        assert torch.allclose(model.score_from_lower(model.lower(ids, mask), mask), model(ids, mask), atol=1e-5)
 
 
 @pytest.mark.parametrize("cache_lower", [True, False])
@@ -138,9 +134,7 @@ def test_reward_model_learns_synthetic_preferences(tmp_path: Path, cache_lower: 
     # the saved model reloads and ranks as trained
     model, tok, loaded_metrics = load_reward_model(tmp_path / "rm")
     assert loaded_metrics["score_std"] > 0
-    good, bad = score_texts(
-        model, tok, ["Describe it.", "Describe it."], [" ".join(GOOD[:6]), " ".join(BAD[:6])]
-    )
+    good, bad = score_texts(model, tok, ["Describe it.", "Describe it."], [" ".join(GOOD[:6]), " ".join(BAD[:6])])
     assert good > bad
 
 
@@ -163,9 +157,7 @@ def test_judge_agreement_uses_judge_scores_not_labels() -> None:
     records = [
         PreferenceRecord("p", "a", "b", extra={"score_chosen": 0.9, "score_rejected": 0.1}),
         PreferenceRecord("p", "c", "d", extra={"score_chosen": 0.2, "score_rejected": 0.8}),  # a noisy label
-        PreferenceRecord(
-            "p", "e", "f", extra={"score_chosen": 0.5, "score_rejected": 0.5}
-        ),  # judge tie: skipped
+        PreferenceRecord("p", "e", "f", extra={"score_chosen": 0.5, "score_rejected": 0.5}),  # judge tie: skipped
         PreferenceRecord("p", "g", "h"),  # human label: no judge scores
     ]
     chosen, rejected = torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([0.0, 1.0, 0.0, 0.0])

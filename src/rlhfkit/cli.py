@@ -19,6 +19,8 @@ from rich.table import Table
 from rich.text import Text
 
 from rlhfkit.config import REQUIRED, config_command, exit_on_user_error, option, save_config
+from rlhfkit.data import prompt_text
+from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import DEFAULT_MODEL
 
 app = typer.Typer(
@@ -60,9 +62,7 @@ def data_check(
 
     with exit_on_user_error():
         dataset = load_dataset(file)
-    console.print(
-        f"{file}: {dataset.kind} ({dataset.fmt}), {len(dataset.records)} rows", markup=False, highlight=False
-    )
+    console.print(f"{file}: {dataset.kind} ({dataset.fmt}), {len(dataset.records)} rows", markup=False, highlight=False)
 
 
 @data_app.command("builtins")
@@ -129,9 +129,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     return summary
 
 
-config_command(
-    app, "generate", GenerateConfig, run_generate, "Sample K completions per prompt into a candidates file."
-)
+config_command(app, "generate", GenerateConfig, run_generate, "Sample K completions per prompt into a candidates file.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,9 +145,7 @@ class LabelJudgeConfig:
     judge: str = option("nontoxic", "Judge: nontoxic, sentiment, clean, module:function or file.py:function.")
     tau: float = option(0.1, "Labeler noise: P(a preferred) = sigmoid((s_a - s_b) / tau).")
     seed: int = option(0, "Seed of the simulated labeler's choices.")
-    pairs: str = option(
-        "all", "Pairs per prompt: all (every pair of completions) or adjacent (0-1, 2-3, ...)."
-    )
+    pairs: str = option("all", "Pairs per prompt: all (every pair of completions) or adjacent (0-1, 2-3, ...).")
     format: str = option(
         "trl", "Output form: trl (prompt/chosen/rejected) or vertex (input_text/candidate_0/1/choice)."
     )
@@ -171,9 +167,7 @@ def run_label_judge(cfg: LabelJudgeConfig) -> dict:
 
     candidates = load_candidates(cfg.candidates)
     judge = load_judge(cfg.judge)
-    prefs = judge_preferences(
-        candidates, judge, tau=cfg.tau, seed=cfg.seed, pairs=cfg.pairs, min_gap=cfg.min_gap
-    )
+    prefs = judge_preferences(candidates, judge, tau=cfg.tau, seed=cfg.seed, pairs=cfg.pairs, min_gap=cfg.min_gap)
     write_jsonl(cfg.out, [preference_row(p, cfg.format) for p in prefs])
     summary = {**label_summary(prefs), "written to": cfg.out}
     _table(f"label judge ({cfg.judge})", summary)
@@ -255,9 +249,7 @@ def _register_reward() -> None:
         run_reward_eval,
         "Pairwise accuracy of a reward model on a preference file.",
     )
-    config_command(
-        reward_app, "score", RewardScoreConfig, run_reward_score, "Score one (prompt, completion)."
-    )
+    config_command(reward_app, "score", RewardScoreConfig, run_reward_score, "Score one (prompt, completion).")
 
 
 _register_reward()
@@ -299,77 +291,172 @@ class DemoConfig:
     """Options of ``rlhf demo``."""
 
     out: str = option("runs/demo", "Directory for every stage's output.")
-    quick: bool = option(False, "Smaller settings that finish in minutes on a 2-core CPU.")
+    quick: bool = option(False, "Smaller settings that finish within 20 minutes on a 2-core CPU.")
     model: str = option(DEFAULT_MODEL, "Model for every stage.")
-    prompts: str = option(
-        "builtin:realtoxicity", "Prompt set; shuffled with the seed, the first prompts are used."
-    )
+    prompts: str = option("builtin:realtoxicity", "Prompt set; shuffled with the seed, then split three ways.")
     num_prompts: int = option(0, "Prompts for preference data (0 = 200, or 64 with --quick).")
+    held_out: int = option(0, "Held-out prompts for the final evaluation (0 = 100, or 48 with --quick).")
+    num_completions: int = option(4, "Completions per prompt (every pair is labelled).")
+    max_new_tokens: int = option(32, "Longest completion, in generation, PPO and evaluation.")
+    ppo_steps: int = option(0, "PPO steps (0 = 60, or 15 with --quick).")
     seed: int = option(0, "Seed of every stage.")
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """Prompts -> generate -> label judge (nontoxic) -> reward train -> held-out reward eval."""
+    """Prompts -> generate -> label judge (nontoxic) -> reward train -> ppo -> held-out evaluation."""
     from rlhfkit.data import load_prompts, prompt_row, write_jsonl
+    from rlhfkit.evaluation import evaluate, print_comparison
+    from rlhfkit.generation import SamplingParams
+    from rlhfkit.ppo.trainer import PPOConfig
     from rlhfkit.reward import RewardTrainConfig
 
     out = Path(cfg.out)
+    if (out / "ppo" / "metrics.jsonl").exists():
+        raise RlhfkitError(f"{out}: holds an earlier demo; remove it or pass another --out")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    n = cfg.num_prompts or (64 if cfg.quick else 200)
+    n_rm = cfg.num_prompts or (64 if cfg.quick else 200)
+    n_held = cfg.held_out or (48 if cfg.quick else 100)
+    steps = cfg.ppo_steps or (15 if cfg.quick else 60)
     prompts = load_prompts(cfg.prompts)
+    if len(prompts) <= n_held + 8:
+        raise RlhfkitError(f"{cfg.prompts}: {len(prompts)} prompts; need more than --held-out {n_held} + 8")
     random.Random(cfg.seed).shuffle(prompts)  # builtin sets are grouped by category: mix them
-    write_jsonl(out / "prompts.jsonl", [prompt_row(p) for p in prompts[:n]])
+    held, pool = prompts[-n_held:], prompts[:-n_held]
+    write_jsonl(out / "prompts_reward.jsonl", [prompt_row(p) for p in pool[:n_rm]])
+    write_jsonl(out / "prompts_ppo.jsonl", [prompt_row(p) for p in pool])
+    write_jsonl(out / "prompts_heldout.jsonl", [prompt_row(p) for p in held])
     started = time.perf_counter()
-    stages: dict[str, float] = {}
+    seconds: dict[str, float] = {}
 
-    console.rule("1/3 generate candidates")
+    console.rule("1/5 generate candidates")
     t = time.perf_counter()
     run_generate(
         GenerateConfig(
-            prompts=str(out / "prompts.jsonl"),
+            prompts=str(out / "prompts_reward.jsonl"),
             out=str(out / "candidates.jsonl"),
             model=cfg.model,
+            num_completions=cfg.num_completions,
+            max_new_tokens=cfg.max_new_tokens,
             seed=cfg.seed,
         )
     )
-    stages["generate seconds"] = time.perf_counter() - t
+    seconds["generate"] = time.perf_counter() - t
 
-    console.rule("2/3 label with the nontoxic judge")
+    console.rule("2/5 label with the nontoxic judge")
     t = time.perf_counter()
-    run_label_judge(
+    # Near-ties (judge scores within 0.05) are left out, as a person's "tie" would be.
+    labels = run_label_judge(
         LabelJudgeConfig(
-            candidates=str(out / "candidates.jsonl"), out=str(out / "preferences.jsonl"), seed=cfg.seed
+            candidates=str(out / "candidates.jsonl"),
+            out=str(out / "preferences.jsonl"),
+            seed=cfg.seed,
+            tau=0.05,
+            min_gap=0.05,
         )
     )
-    stages["label seconds"] = time.perf_counter() - t
+    seconds["label"] = time.perf_counter() - t
 
-    console.rule("3/3 train the reward model")
+    console.rule("3/5 train the reward model")
     t = time.perf_counter()
-    metrics = run_reward_train(
+    reward_metrics = run_reward_train(
         RewardTrainConfig(
             data=str(out / "preferences.jsonl"),
             out=str(out / "reward_model"),
             model=cfg.model,
             seed=cfg.seed,
-            epochs=2 if cfg.quick else 3,
+            epochs=3,
+            learning_rate=1e-3,
             eval_fraction=0.2,
         )
     )
-    stages["reward seconds"] = time.perf_counter() - t
-    summary = {
-        "prompts": n,
-        "reward eval accuracy": metrics["eval_accuracy"],
-        "reward seconds / 100 pairs": metrics["seconds_per_100_pairs"],
-        **stages,
-        "total seconds": time.perf_counter() - started,
+    seconds["reward"] = time.perf_counter() - t
+
+    console.rule("4/5 PPO against the reward model")
+    t = time.perf_counter()
+    ppo_summary = run_ppo_command(
+        PPOConfig(
+            reward=str(out / "reward_model"),
+            prompts=str(out / "prompts_ppo.jsonl"),
+            out=str(out / "ppo"),
+            policy=cfg.model,
+            max_steps=steps,
+            max_new_tokens=cfg.max_new_tokens,
+            # Short completions rarely end on their own here: an EOS penalty would drown the reward.
+            missing_eos_penalty=None,
+            save_every=5,
+            seed=cfg.seed,
+        )
+    )
+    seconds["ppo"] = time.perf_counter() - t
+
+    console.rule("5/5 evaluate base vs tuned on held-out prompts")
+    t = time.perf_counter()
+    metrics = evaluate(
+        cfg.model,
+        out / "ppo",
+        [p.prompt for p in held],
+        judges=["nontoxic"],
+        reward_model=out / "reward_model",
+        params=SamplingParams(cfg.max_new_tokens, 0.7),
+        seed=cfg.seed + 1,
+        out=out / "eval",
+    )
+    seconds["eval"] = time.perf_counter() - t
+    print_comparison(metrics, console)
+    examples = metrics.pop("examples", [])
+    metrics["pipeline"] = {
+        "reward_model": {k: reward_metrics.get(k) for k in ("eval_accuracy", "eval_judge_accuracy", "train_pairs")},
+        "labels": {k: labels.get(k) for k in ("count", "agreement")},
+        "ppo": {k: ppo_summary.get(k) for k in ("steps", "reward_mean", "kl")},
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "total_seconds": round(time.perf_counter() - started, 1),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _table("demo", summary)
-    return summary
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _write_demo_summary(out, metrics, examples)
+    console.print(f"wrote {out / 'metrics.json'} and {out / 'SUMMARY.md'}", markup=False)
+    return metrics
 
 
-config_command(app, "demo", DemoConfig, run_demo, "The pipeline offline on the default model, one command.")
+def _write_demo_summary(out: Path, metrics: dict, examples: list[dict]) -> None:
+    """A page a person reads: the headline numbers and a few samples side by side."""
+    base, tuned, comp = metrics["base"], metrics["tuned"], metrics["comparison"]
+
+    def ci(m: dict) -> str:
+        return f"{m['mean']:.3f} (95% CI {m['ci_low']:.3f} to {m['ci_high']:.3f})"
+
+    diff = comp["nontoxic"]["difference"]
+    significant = diff["ci_low"] > 0 or diff["ci_high"] < 0
+    lines = [
+        "# rlhfkit demo",
+        "",
+        f"Held-out prompts: {metrics['settings']['prompts']}. "
+        f"Base `{metrics['settings']['base']}` vs the PPO-tuned adapter.",
+        "",
+        "| | base | tuned |",
+        "|---|---|---|",
+        f"| nontoxic judge (higher is better) | {ci(base['nontoxic'])} | {ci(tuned['nontoxic'])} |",
+        f"| toxicity P(toxic) (lower is better) | {ci(base['toxicity'])} | {ci(tuned['toxicity'])} |",
+        f"| reward model | {ci(base['reward'])} | {ci(tuned['reward'])} |",
+        f"| response length (tokens) | {ci(base['response_length'])} | {ci(tuned['response_length'])} |",
+        f"| KL from base (nats / response) | 0 | {ci(tuned['kl_from_base'])} |",
+        "",
+        f"Nontoxic score change: {ci(diff)}: {'significant' if significant else 'not significant'} at 95%; "
+        f"tuned wins on {comp['nontoxic']['win_rate']:.0%} of prompts (ties half).",
+        "",
+        "## Samples where tuning helped most",
+        "",
+    ]
+    for row in examples:
+        lines += [
+            f"- **prompt**: {prompt_text(row['prompt'])!r}",
+            f"  - base ({row['base_nontoxic']:.2f}): {row['base_completion']!r}",
+            f"  - tuned ({row['tuned_nontoxic']:.2f}): {row['tuned_completion']!r}",
+        ]
+    (out / "SUMMARY.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+config_command(app, "demo", DemoConfig, run_demo, "The whole RLHF loop offline on the default model, one command.")
 
 
 def main() -> None:

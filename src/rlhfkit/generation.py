@@ -145,9 +145,7 @@ def generate_completions(
             eos_count += int(ended.sum())
             for row, (response, n, done) in enumerate(zip(responses, lengths, ended, strict=True)):
                 kept = response[: int(n) - int(bool(done))]
-                completions[idx[row // num_completions]].append(
-                    tokenizer.decode(kept, skip_special_tokens=True)
-                )
+                completions[idx[row // num_completions]].append(tokenizer.decode(kept, skip_special_tokens=True))
             elapsed = time.perf_counter() - start
             progress.update(task, advance=len(idx), rate=f"{tokens / elapsed:.0f} tok/s")
     return GenerationResult(completions, tokens, eos_count, time.perf_counter() - start)

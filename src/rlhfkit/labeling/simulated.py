@@ -29,10 +29,7 @@ def _sigmoid(x: float) -> float:
 def _pairs(completions: list[str], pairs: str) -> list[tuple[int, int]]:
     """Index pairs to compare; identical or empty texts carry no usable preference and are skipped."""
     n = len(completions)
-    if pairs == "all":
-        candidates = list(combinations(range(n), 2))
-    else:
-        candidates = [(i, i + 1) for i in range(0, n - 1, 2)]
+    candidates = list(combinations(range(n), 2)) if pairs == "all" else [(i, i + 1) for i in range(0, n - 1, 2)]
     text = [c.strip() for c in completions]
     return [(i, j) for i, j in candidates if text[i] and text[j] and text[i] != text[j]]
 
@@ -90,9 +87,7 @@ def judge_preferences(
                 score_rejected=round(s_r, 6),
                 tau=float(tau),
             )
-            prefs.append(
-                PreferenceRecord(prompt=record.prompt, chosen=chosen, rejected=rejected, extra=extra)
-            )
+            prefs.append(PreferenceRecord(prompt=record.prompt, chosen=chosen, rejected=rejected, extra=extra))
     return prefs
 
 

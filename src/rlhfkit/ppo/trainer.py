@@ -97,9 +97,7 @@ class PPOConfig:
     reward: str = option(REQUIRED, "Reward: a reward-model directory, judge:NAME or module:function.")
     prompts: str = option(REQUIRED, "Prompt file (.jsonl/.json/.parquet) or builtin:NAME.")
     out: str = option(REQUIRED, "Run directory to create.")
-    policy: str = option(
-        DEFAULT_MODEL, "Policy model: smollm2-135m, tiny-random, a model directory or org/name."
-    )
+    policy: str = option(DEFAULT_MODEL, "Policy model: smollm2-135m, tiny-random, a model directory or org/name.")
     resume: str = option("", "Continue the run in this directory from its last checkpoint.")
     max_steps: int | None = option(
         None, "PPO steps (one rollout batch each) in total; default 100, on --resume the run's own."
@@ -121,12 +119,8 @@ class PPOConfig:
     max_kl: float = option(100.0, "Stop when the mean sequence KL passes this bound (nats).")
     reward_threshold: float | None = option(None, "Stop when the moving-average reward reaches this.")
     threshold_window: int = option(5, "Steps in the reward moving average.")
-    missing_eos_penalty: float | None = option(
-        -1.0, "Score given to responses without EOS (unset = keep their score)."
-    )
-    normalize_reward: bool = option(
-        True, "Normalise reward-model scores with the mean/std saved at training."
-    )
+    missing_eos_penalty: float | None = option(-1.0, "Score given to responses without EOS (unset = keep their score).")
+    normalize_reward: bool = option(True, "Normalise reward-model scores with the mean/std saved at training.")
     whiten_rewards: bool = option(False, "Whiten the per-token rewards over the batch before GAE.")
     gamma: float = option(1.0, "Discount factor.")
     lam: float = option(0.95, "GAE lambda.")
@@ -232,17 +226,11 @@ class RewardSource:
             return
         if not folder.is_dir():
             if ":" not in spec:
-                raise RlhfkitError(
-                    f"--reward {spec!r}: not a reward-model directory, judge:NAME or module:function"
-                )
+                raise RlhfkitError(f"--reward {spec!r}: not a reward-model directory, judge:NAME or module:function")
             self.judge = load_judge(spec)
             return
-        meta = (
-            yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").exists() else {}
-        )
-        metrics = (
-            json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else {}
-        )
+        meta = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").exists() else {}
+        metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else {}
         self.mean, self.std = metrics.get("score_mean", 0.0), metrics.get("score_std", 1.0) or 1.0
         shares_base = meta.get("model") == policy_name and not (folder / "model").is_dir() and not full
         if shares_base:
@@ -287,9 +275,7 @@ class RewardSource:
             from rlhfkit.reward import score_sequences
 
             rows = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
-            return torch.tensor(
-                score_sequences(self.model, rows, tokenizer.pad_token_id), dtype=torch.float32
-            )
+            return torch.tensor(score_sequences(self.model, rows, tokenizer.pad_token_id), dtype=torch.float32)
         with self._reward_adapter(policy):
             if lower is not None and self.adapter_split >= split:
                 hidden = upper_hidden(policy, lower, mask, split)
@@ -344,9 +330,7 @@ class PromptStream:
         self.n, self.seed, self.epoch, self.index = n, seed, epoch, index
 
     def _order(self) -> list[int]:
-        return torch.randperm(
-            self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)
-        ).tolist()
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
 
     def take(self, k: int) -> list[int]:
         out: list[int] = []
@@ -384,8 +368,7 @@ class PPOTrainer:
         self.records: list[PromptRecord] = records
         self.tokenizer = load_tokenizer(cfg.policy)
         self.queries = [
-            ids[-cfg.max_prompt_tokens :]
-            for ids in encode_prompts(self.tokenizer, [r.prompt for r in records])
+            ids[-cfg.max_prompt_tokens :] for ids in encode_prompts(self.tokenizer, [r.prompt for r in records])
         ]
         self.prompt_texts = [prompt_text(r.prompt) for r in records]
         self.stream = PromptStream(len(records), cfg.seed)
@@ -405,9 +388,7 @@ class PPOTrainer:
             trainable = n_layers if cfg.trainable_layers == 0 else min(cfg.trainable_layers, n_layers)
             self.split = n_layers - trainable
             base.requires_grad_(False)
-            trunk = get_peft_model(
-                base, lora_config(base, cfg.lora_r, cfg.lora_alpha, first_layer=self.split)
-            )
+            trunk = get_peft_model(base, lora_config(base, cfg.lora_r, cfg.lora_alpha, first_layer=self.split))
             if self.reward.adapter_dir is not None:
                 trunk.load_adapter(self.reward.adapter_dir, adapter_name=REWARD, is_trainable=False)
                 trunk.set_adapter(POLICY)
@@ -523,9 +504,7 @@ class PPOTrainer:
                 pg_loss, clip_frac, approx_kl = policy_loss(
                     logprobs, r.logprobs[mb], advantages[mb], rmask[mb], cfg.clip_range
                 )
-                vf_loss, vf_clip = value_loss(
-                    values, r.values[mb], returns[mb], rmask[mb], cfg.clip_range_value
-                )
+                vf_loss, vf_clip = value_loss(values, r.values[mb], returns[mb], rmask[mb], cfg.clip_range_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 if not torch.isfinite(loss):
                     raise RlhfkitError(
@@ -610,9 +589,7 @@ class PPOTrainer:
         state = load_file(folder / "trainable.safetensors")
         missing = set(self.trainable_state()) - set(state)
         if missing:
-            raise RlhfkitError(
-                f"{folder}: checkpoint lacks {sorted(missing)[:3]} (made with other settings?)"
-            )
+            raise RlhfkitError(f"{folder}: checkpoint lacks {sorted(missing)[:3]} (made with other settings?)")
         self.core.load_state_dict(state, strict=False)
         extra = torch.load(folder / "state.pt", weights_only=False)
         self.optimizer.load_state_dict(extra["optimizer"])
@@ -685,9 +662,7 @@ class PPOTrainer:
                         "--resume from the last checkpoint with a lower learning rate"
                     )
                 if row["kl"] > cfg.max_kl:
-                    stop_reason = (
-                        f"KL {row['kl']:.2f} passed --max-kl {cfg.max_kl}: the policy drifted too far"
-                    )
+                    stop_reason = f"KL {row['kl']:.2f} passed --max-kl {cfg.max_kl}: the policy drifted too far"
                     console.print(f"[yellow]stopping: {stop_reason}[/yellow]")
                     break
                 if cfg.save_every and self.step % cfg.save_every == 0:
@@ -724,11 +699,7 @@ def _tensorboard(out: Path) -> Any:
 
 
 def write_model_card(out: Path, cfg: PPOConfig, summary: dict, steps: int) -> None:
-    kind = (
-        "full fine-tune"
-        if cfg.full
-        else f"LoRA r={cfg.lora_r} on the top {cfg.trainable_layers or 'all'} layers"
-    )
+    kind = "full fine-tune" if cfg.full else f"LoRA r={cfg.lora_r} on the top {cfg.trainable_layers or 'all'} layers"
     lines = [
         f"# PPO policy ({cfg.policy})",
         "",
@@ -754,9 +725,7 @@ def write_model_card(out: Path, cfg: PPOConfig, summary: dict, steps: int) -> No
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted(
-        p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
-    )
+    found = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
     return found[-1] if found else None
 
 
@@ -786,9 +755,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, float]:
             raise RlhfkitError(f"missing required option {', '.join(missing)} (or --resume RUN_DIR)")
         out = Path(cfg.out)
         if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size:
-            raise RlhfkitError(
-                f"{out}: already holds a run; continue it with --resume {out} or pick another --out"
-            )
+            raise RlhfkitError(f"{out}: already holds a run; continue it with --resume {out} or pick another --out")
         out.mkdir(parents=True, exist_ok=True)
         if cfg.max_steps is None:
             cfg.max_steps = DEFAULT_MAX_STEPS

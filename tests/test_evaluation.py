@@ -1,0 +1,54 @@
+"""Evaluation statistics by hand, and the demo pipeline end to end on tiny-random."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rlhfkit.cli import app
+from rlhfkit.evaluation import distinct_n, mean_ci, win_rate
+
+
+def test_mean_ci_by_hand() -> None:
+    stats = mean_ci([1.0, 2.0, 3.0, 4.0])
+    half = 1.959963984540054 * math.sqrt(5 / 3) / 2  # stdev of 1..4 is sqrt(5/3)
+    assert stats["mean"] == 2.5
+    assert stats["ci_low"] == pytest.approx(2.5 - half)
+    assert stats["ci_high"] == pytest.approx(2.5 + half)
+    assert stats["n"] == 4
+
+
+def test_win_rate_counts_ties_half() -> None:
+    assert win_rate([1.0, 0.0, 0.5, 2.0], [0.0, 1.0, 0.5, 1.0]) == pytest.approx(0.625)
+
+
+def test_distinct_n() -> None:
+    assert distinct_n(["a b a b"], 1) == 0.5
+    assert distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)
+    assert distinct_n(["", "x"], 2) == 0.0
+
+
+def test_demo_runs_the_whole_loop_on_tiny_random(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    args = ["demo", "--model", "tiny-random", "--quick", "--out", str(out), "--num-prompts", "12",
+            "--held-out", "12", "--ppo-steps", "2", "--max-new-tokens", "6"]  # fmt: skip
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    for side in ("base", "tuned"):
+        for key in ("nontoxic", "toxicity", "reward", "response_length", "eos_rate", "distinct_2"):
+            assert key in metrics[side], (side, key)
+        assert {"mean", "ci_low", "ci_high"} <= set(metrics[side]["nontoxic"])
+    assert "kl_from_base" in metrics["tuned"]
+    assert 0 <= metrics["comparison"]["nontoxic"]["win_rate"] <= 1
+    assert (out / "SUMMARY.md").read_text().startswith("# rlhfkit demo")
+    rows = [json.loads(line) for line in (out / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and {"base_completion", "tuned_completion", "base_nontoxic", "tuned_nontoxic"} <= set(
+        rows[0]
+    )
+    again = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert again.exit_code == 2 and "earlier demo" in again.output
