@@ -218,3 +218,8 @@ def test_ppo_with_a_shared_backbone_reward_model(tmp_path: Path, prompts: Path) 
             assert torch.equal(value, reward_before[key]), key
     rows = read_metrics(tmp_path / "run")
     assert len(rows) == 2 and all(math.isfinite(r["reward_mean"]) for r in rows)
+
+
+def test_resume_takes_only_max_steps(tmp_path: Path) -> None:
+    with pytest.raises(RlhfkitError, match="only --max-steps"):
+        run_ppo(PPOConfig(resume=str(tmp_path), learning_rate=0.5))

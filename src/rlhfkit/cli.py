@@ -15,10 +15,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from rlhfkit.config import REQUIRED, config_command, exit_on_user_error, option, save_config
+from rlhfkit.console import print_table
 from rlhfkit.data import prompt_text
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import DEFAULT_MODEL
@@ -36,15 +35,6 @@ app.add_typer(data_app, name="data")
 app.add_typer(label_app, name="label")
 app.add_typer(reward_app, name="reward")
 console = Console()
-
-
-def _table(title: str, rows: dict[str, object]) -> None:
-    table = Table(title=title)
-    table.add_column("")
-    table.add_column("", justify="right")
-    for key, value in rows.items():
-        table.add_row(key, Text(f"{value:.4g}" if isinstance(value, float) else str(value)))
-    console.print(table)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,7 +115,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
         "seconds": result.seconds,
         "written to": cfg.out,
     }
-    _table("generate", summary)
+    print_table("generate", summary)
     return summary
 
 
@@ -170,7 +160,7 @@ def run_label_judge(cfg: LabelJudgeConfig) -> dict:
     prefs = judge_preferences(candidates, judge, tau=cfg.tau, seed=cfg.seed, pairs=cfg.pairs, min_gap=cfg.min_gap)
     write_jsonl(cfg.out, [preference_row(p, cfg.format) for p in prefs])
     summary = {**label_summary(prefs), "written to": cfg.out}
-    _table(f"label judge ({cfg.judge})", summary)
+    print_table(f"label judge ({cfg.judge})", summary)
     return summary
 
 
@@ -209,7 +199,7 @@ def run_reward_eval(cfg: RewardEvalConfig) -> dict:
     records = load_preferences(cfg.data)
     model, tokenizer, _ = load_reward_model(cfg.reward_model)
     metrics = {"pairs": len(records), **evaluate_pairs(model, tokenizer, records, cfg.max_length)}
-    _table("reward eval", metrics)
+    print_table("reward eval", metrics)
     return metrics
 
 
@@ -260,10 +250,10 @@ _register_reward()
 
 
 def run_ppo_command(cfg) -> dict:
-    from rlhfkit.ppo.trainer import print_summary, run_ppo
+    from rlhfkit.ppo.trainer import run_ppo
 
     summary = run_ppo(cfg)
-    print_summary(summary)
+    print_table("ppo", summary)
     return summary
 
 

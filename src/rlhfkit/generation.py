@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from rlhfkit.console import progress_bar
 from rlhfkit.data import Prompt
 from rlhfkit.models import format_prompt
 
@@ -125,16 +125,9 @@ def generate_completions(
     completions: list[list[str]] = [[] for _ in prompts]
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     tokens = eos_count = 0
-    progress = Progress(
-        TextColumn("[bold]generate"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-        disable=not show_progress,
-    )
+    progress = progress_bar("generate", disable=not show_progress)
     with progress:
-        task = progress.add_task("generate", total=len(prompts), rate="")
+        task = progress.add_task("generate", total=len(prompts), info="")
         for b in range(math.ceil(len(order) / batch_size)):
             idx = order[b * batch_size : (b + 1) * batch_size]
             rows = [encoded[i] for i in idx for _ in range(num_completions)]
@@ -147,5 +140,5 @@ def generate_completions(
                 kept = response[: int(n) - int(bool(done))]
                 completions[idx[row // num_completions]].append(tokenizer.decode(kept, skip_special_tokens=True))
             elapsed = time.perf_counter() - start
-            progress.update(task, advance=len(idx), rate=f"{tokens / elapsed:.0f} tok/s")
+            progress.update(task, advance=len(idx), info=f"{tokens / elapsed:.0f} tok/s")
     return GenerationResult(completions, tokens, eos_count, time.perf_counter() - start)

@@ -30,12 +30,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rlhfkit.config import REQUIRED, option, save_config
+from rlhfkit.console import print_table, progress_bar
 from rlhfkit.data import PreferenceRecord, Prompt, load_preferences, prompt_text
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import encode_prompts
@@ -325,17 +324,6 @@ def _pad_hidden(hiddens: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Te
     return out, mask
 
 
-def _progress(label: str) -> Progress:
-    return Progress(
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-    )
-
-
 class _Scorer:
     """Scores (flattened) sequences by index, from the lower-layer cache when there is one."""
 
@@ -363,7 +351,7 @@ class _Scorer:
 def _cache_lower(model: RewardModel, seqs: list[list[int]], pad_id: int, batch_size: int = 32) -> list[torch.Tensor]:
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     cache: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
-    with _progress("cache frozen layers") as progress:
+    with progress_bar("cache frozen layers") as progress:
         task = progress.add_task("cache", total=len(seqs), info="")
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
@@ -440,7 +428,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
 
     log = (out / "metrics.jsonl").open("w", encoding="utf-8")
     step, train_seconds, eval_metrics = 0, 0.0, {}
-    with _progress("reward train") as progress:
+    with progress_bar("reward train") as progress:
         task = progress.add_task("train", total=total_steps, info="")
         for epoch in range(cfg.epochs):
             model.train()
@@ -514,7 +502,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _write_model_card(out, cfg, metrics)
     if show_summary:
-        print_metrics("reward model", metrics)
+        print_table("reward model", metrics)
     return metrics
 
 
@@ -559,12 +547,3 @@ def _write_model_card(out: Path, cfg: RewardTrainConfig, metrics: dict) -> None:
 
 def _fmt(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def print_metrics(title: str, metrics: dict) -> None:
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in metrics.items():
-        table.add_row(key, _fmt(value))
-    Console().print(table)

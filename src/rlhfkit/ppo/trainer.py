@@ -36,7 +36,7 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +44,11 @@ import numpy as np
 import torch
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rlhfkit.config import REQUIRED, option, save_config
+from rlhfkit.console import progress_bar
 from rlhfkit.data import PromptRecord, load_prompts, prompt_text
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import (
@@ -626,14 +625,7 @@ class PPOTrainer:
         writer = _tensorboard(self.out)
         last: dict[str, float] = {}
         stop_reason = f"reached max_steps={cfg.max_steps}"
-        progress = Progress(
-            TextColumn("[bold]ppo"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            console=console,
-        )
+        progress = progress_bar("ppo")
         with progress, log_path.open("a", encoding="utf-8") as log:
             task = progress.add_task("ppo", total=cfg.max_steps, completed=self.step, info="")
             while self.step < cfg.max_steps:
@@ -732,6 +724,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def run_ppo(cfg: PPOConfig) -> dict[str, float]:
     """Start a run, or continue one with ``resume``; returns the summary of the last step."""
     if cfg.resume:
+        changed = [
+            "--" + f.name.replace("_", "-")
+            for f in fields(PPOConfig)
+            if f.name not in ("resume", "max_steps") and getattr(cfg, f.name) != f.default
+        ]
+        if changed:
+            raise RlhfkitError(
+                "--resume continues with the run's own settings; only --max-steps may change "
+                f"(got {', '.join(changed)})"
+            )
         run_dir = Path(cfg.resume)
         if not (run_dir / "config.yaml").exists():
             raise RlhfkitError(f"{run_dir}: not a PPO run directory (no config.yaml)")
@@ -777,12 +779,3 @@ def _truncate_log(path: Path, step: int) -> None:
         except json.JSONDecodeError:
             break  # a line cut by the kill
     path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
-
-
-def print_summary(summary: dict) -> None:
-    table = Table(title="ppo")
-    table.add_column("")
-    table.add_column("", justify="right")
-    for key, value in summary.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    Console().print(table)

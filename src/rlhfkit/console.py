@@ -1,0 +1,33 @@
+"""The progress bar and summary table every long command shows (rich)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+stderr = Console(stderr=True)
+
+
+def progress_bar(label: str, disable: bool = False) -> Progress:
+    """A bar with a count, a free-form ``info`` field (loss, reward, tokens/s) and elapsed time."""
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=stderr,
+        disable=disable,
+    )
+
+
+def print_table(title: str, rows: dict[str, object], console: Console | None = None) -> None:
+    """Two columns, name and value; floats to four significant digits, text shown verbatim."""
+    table = Table(title=title)
+    table.add_column("")
+    table.add_column("", justify="right")
+    for key, value in rows.items():
+        table.add_row(key, Text(f"{value:.4g}" if isinstance(value, float) else str(value)))
+    (console or Console()).print(table)
