@@ -74,7 +74,6 @@ def child_ppo(args: argparse.Namespace) -> None:
         missing_eos_penalty=None,
         save_every=0,
     )
-    (work / "run").mkdir()
     trainer = PPOTrainer(cfg)
     trainer.train()
     rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()][1:]  # warm-up

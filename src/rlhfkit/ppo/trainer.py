@@ -358,6 +358,7 @@ class PPOTrainer:
 
         self.cfg = cfg
         self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.accelerator = accelerator or Accelerator()
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
