@@ -284,11 +284,11 @@ class DemoConfig:
     quick: bool = option(False, "Smaller settings that finish within 20 minutes on a 2-core CPU.")
     model: str = option(DEFAULT_MODEL, "Model for every stage.")
     prompts: str = option("builtin:realtoxicity", "Prompt set; shuffled with the seed, then split three ways.")
-    num_prompts: int = option(0, "Prompts for preference data (0 = 200, or 64 with --quick).")
-    held_out: int = option(0, "Held-out prompts for the final evaluation (0 = 100, or 48 with --quick).")
+    num_prompts: int = option(0, "Prompts for preference data (0 = 500, or 256 with --quick).")
+    held_out: int = option(0, "Held-out prompts for the final evaluation (0 = 100, or 64 with --quick).")
     num_completions: int = option(4, "Completions per prompt (every pair is labelled).")
     max_new_tokens: int = option(32, "Longest completion, in generation, PPO and evaluation.")
-    ppo_steps: int = option(0, "PPO steps (0 = 60, or 15 with --quick).")
+    ppo_steps: int = option(0, "PPO steps (0 = 100, or 40 with --quick).")
     seed: int = option(0, "Seed of every stage.")
 
 
@@ -305,9 +305,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         raise RlhfkitError(f"{out}: holds an earlier demo; remove it or pass another --out")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    n_rm = cfg.num_prompts or (64 if cfg.quick else 200)
-    n_held = cfg.held_out or (48 if cfg.quick else 100)
-    steps = cfg.ppo_steps or (15 if cfg.quick else 60)
+    n_rm = cfg.num_prompts or (256 if cfg.quick else 500)
+    n_held = cfg.held_out or (64 if cfg.quick else 100)
+    steps = cfg.ppo_steps or (40 if cfg.quick else 100)
     prompts = load_prompts(cfg.prompts)
     if len(prompts) <= n_held + 8:
         raise RlhfkitError(f"{cfg.prompts}: {len(prompts)} prompts; need more than --held-out {n_held} + 8")
