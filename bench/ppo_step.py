@@ -132,8 +132,11 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"PPO step: batch {args.batch_size}, {args.max_new_tokens} new tokens, "
-                  f"{args.ppo_epochs} epochs x mini-batch {args.mini_batch_size}, LoRA top {args.trainable_layers} layers")  # fmt: skip
+    title = (
+        f"PPO step: batch {args.batch_size}, {args.max_new_tokens} new tokens, {args.ppo_epochs} epochs "
+        f"x mini-batch {args.mini_batch_size}, LoRA top {args.trainable_layers} layers"
+    )
+    table = Table(title=title)
     for column in ("model", "s/step", "generate s", "score s", "train s", "gen tok/s", "peak RSS MB",
                    "4 separate models RSS MB"):  # fmt: skip
         table.add_column(column, justify="right")

@@ -16,7 +16,7 @@ import torch
 
 from rlhfkit.data import write_jsonl
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.generation import left_pad
+from rlhfkit.generation import SamplingParams, left_pad
 from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.ppo.trainer import PolicyWithValue, PPOConfig, PPOTrainer, response_logprobs, run_ppo
 from rlhfkit.reward import new_head, right_pad
@@ -211,7 +211,10 @@ def test_ppo_with_a_shared_backbone_reward_model(tmp_path: Path, prompts: Path) 
     trainer = PPOTrainer(cfg)
     reward_before = {k: v.clone() for k, v in trainer.core.trunk.named_parameters() if ".reward." in k}
     assert reward_before, "the reward adapter should be loaded onto the policy's base"
-    assert torch.equal(trainer.core.value_head.weight, trainer.reward.head.weight)  # value head from reward head
+    # the value head starts as the reward head, rescaled to the normalised reward PPO optimises
+    info = trainer.reward.info
+    assert torch.allclose(trainer.core.value_head.weight, info.head.weight / info.score_std)
+    assert torch.allclose(trainer.core.value_head.bias, (info.head.bias - info.score_mean) / info.score_std)
     trainer.train()
     for key, value in trainer.core.trunk.named_parameters():
         if key in reward_before:
@@ -223,3 +226,89 @@ def test_ppo_with_a_shared_backbone_reward_model(tmp_path: Path, prompts: Path) 
 def test_resume_takes_only_max_steps(tmp_path: Path) -> None:
     with pytest.raises(RlhfkitError, match="only --max-steps"):
         run_ppo(PPOConfig(resume=str(tmp_path), learning_rate=0.5))
+
+
+def _train_reward(tmp_path: Path, **overrides: object) -> Path:
+    from rlhfkit.reward import RewardTrainConfig, train_reward_model
+
+    prefs = tmp_path / "prefs.jsonl"
+    write_jsonl(prefs, [{"prompt": f"p{i}", "chosen": "good kind words", "rejected": f"bad {i}"} for i in range(24)])
+    settings: dict = dict(data=str(prefs), out=str(tmp_path / "rm"), model="tiny-random", trainable_layers=1, epochs=1)
+    settings.update(overrides)
+    train_reward_model(RewardTrainConfig(**settings), show_summary=False)
+    return tmp_path / "rm"
+
+
+def test_ppo_with_a_linear_probe_reward_model(tmp_path: Path, prompts: Path) -> None:
+    rm = _train_reward(tmp_path, lora_r=0)
+    trainer = PPOTrainer(small_config(prompts, tmp_path / "run", reward=str(rm), max_steps=1))
+    assert trainer.reward.model is None and trainer.reward.adapter_dir is None  # read on the shared base
+    trainer.train()
+    assert math.isfinite(read_metrics(tmp_path / "run")[0]["reward_mean"])
+
+
+def test_ppo_with_a_separate_reward_model_scores_like_the_reward_cli(tmp_path: Path, prompts: Path) -> None:
+    from rlhfkit.reward import load_reward_model, score_texts
+
+    rm = _train_reward(tmp_path, full=True)
+    trainer = PPOTrainer(small_config(prompts, tmp_path / "run", reward=str(rm), max_steps=1))
+    assert trainer.reward.model is not None
+    rollout, _ = trainer.rollout([0, 1, 2])
+    model, tok, metrics = load_reward_model(rm)
+    expected = torch.tensor(score_texts(model, tok, rollout.prompts, rollout.texts))
+    torch.testing.assert_close(rollout.scores, (expected - metrics["score_mean"]) / metrics["score_std"])
+
+
+def test_shared_reward_adapter_scores_like_the_reward_model(tmp_path: Path, prompts: Path) -> None:
+    """The cached-trunk reward path gives the scores `rlhf reward score` gives for the same tokens."""
+    from rlhfkit.reward import load_reward_model, score_sequences
+
+    rm = _train_reward(tmp_path)
+    trainer = PPOTrainer(small_config(prompts, tmp_path / "run", reward=str(rm), max_steps=1))
+    assert trainer.reward.adapter_dir is not None
+    rollout, _ = trainer.rollout([0, 1, 2])
+    model, tok, metrics = load_reward_model(rm)
+    eos = tok.eos_token_id
+    rows = []
+    for ids, mask in zip(rollout.ids, rollout.mask, strict=True):
+        tokens = ids[mask.bool()].tolist()
+        rows.append(tokens if tokens[-1] == eos else [*tokens, eos])
+    expected = torch.tensor(score_sequences(model, rows, tok.pad_token_id))
+    torch.testing.assert_close(
+        rollout.scores, (expected - metrics["score_mean"]) / metrics["score_std"], atol=1e-4, rtol=1e-4
+    )
+
+
+def test_full_fine_tune_on_a_tied_model_checkpoints_and_resumes(tmp_path: Path, prompts: Path) -> None:
+    """--full keeps a reference copy; a tied embedding/LM head must survive checkpoints."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = load_tokenizer("tiny-random")
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tied")
+    tok.save_pretrained(tmp_path / "tied")
+    cfg = small_config(prompts, tmp_path / "run", policy=str(tmp_path / "tied"), full=True, max_steps=2, save_every=1)
+    run_ppo(cfg)
+    run_ppo(PPOConfig(resume=str(tmp_path / "run"), max_steps=3))
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    assert (tmp_path / "run" / "model" / "config.json").exists()
+
+    from rlhfkit.evaluation import evaluate
+
+    metrics = evaluate(str(tmp_path / "tied"), tmp_path / "run", ["Say hi."] * 3, judges=["nontoxic"],
+                       params=SamplingParams(4, 0.7))  # fmt: skip
+    assert math.isfinite(metrics["tuned"]["kl_from_base"]["mean"])
+
+
+def test_resume_from_a_moved_run_directory(tmp_path: Path, prompts: Path) -> None:
+    import shutil
+
+    run_ppo(small_config(prompts, tmp_path / "before", max_steps=2))
+    shutil.move(tmp_path / "before", tmp_path / "after")
+    run_ppo(PPOConfig(resume=str(tmp_path / "after"), max_steps=3))
+    assert [r["step"] for r in read_metrics(tmp_path / "after")] == [1, 2, 3]
+    assert not (tmp_path / "before").exists()

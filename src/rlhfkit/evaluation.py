@@ -1,4 +1,4 @@
-"""Before/after evaluation: the base model and tuned adapters on the same held-out prompts.
+"""Before/after evaluation: the base model and a tuned one on the same held-out prompts.
 
 Both models sample with the same settings and the same seed (common random numbers), so their
 difference is the tuning and not the dice. Per model: mean and 95% confidence interval of every
@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rlhfkit.data import Prompt, prompt_text, write_jsonl
+from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import SamplingParams, encode_prompts, left_pad, response_lengths, sample_responses
 from rlhfkit.judges import load_judge, toxicity
 from rlhfkit.models import final_hidden, load_causal_lm, load_tokenizer
@@ -42,6 +44,27 @@ def win_rate(tuned: Sequence[float], base: Sequence[float]) -> float:
     """Fraction of prompts where tuned beats base; a tie counts half."""
     wins = [1.0 if t > b else 0.5 if t == b else 0.0 for t, b in zip(tuned, base, strict=True)]
     return sum(wins) / len(wins)
+
+
+def tuned_models(
+    model: torch.nn.Module, run_dir: str | Path | None
+) -> tuple[torch.nn.Module | None, torch.nn.Module, Callable[[], AbstractContextManager]]:
+    """(tuned model, the module that is the base, a context in which it is the base).
+
+    A LoRA run (``adapter/``) wraps ``model``: the base is the wrapper with its adapters switched
+    off. A full fine-tune (``model/``) is a second model, and the base is ``model`` itself.
+    """
+    if run_dir is None:
+        return None, model, nullcontext
+    folder = Path(run_dir)
+    if (folder / "adapter" / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        tuned = PeftModel.from_pretrained(model, folder / "adapter")
+        return tuned, tuned, tuned.disable_adapter
+    if (folder / "model" / "config.json").exists():
+        return load_causal_lm(str(folder / "model")), model, nullcontext
+    raise RlhfkitError(f"{folder}: no adapter/ or model/ inside; expected a run directory of `rlhf ppo`")
 
 
 @dataclass
@@ -117,23 +140,17 @@ def evaluate(
 ) -> dict:
     """Compare the base model with its tuned adapter; writes metrics.json and samples.jsonl to ``out``."""
     params = params or SamplingParams(max_new_tokens=48, temperature=0.7)
+    if not prompts:
+        raise RlhfkitError("evaluation needs at least one prompt")
     tokenizer = load_tokenizer(base)
     model = load_causal_lm(base)
-    tuned_model = model
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        tuned_model = PeftModel.from_pretrained(model, Path(adapter_dir) / "adapter")
-    texts = {}
+    tuned_model, base_model, base_view = tuned_models(model, adapter_dir)
     batches = {}
-    if adapter_dir is not None:
-        with tuned_model.disable_adapter():
-            batches["base"] = sample(tuned_model, tokenizer, prompts, params, seed)
+    with base_view():
+        batches["base"] = sample(base_model, tokenizer, prompts, params, seed)
+    if tuned_model is not None:
         batches["tuned"] = sample(tuned_model, tokenizer, prompts, params, seed)
-    else:
-        batches["base"] = sample(model, tokenizer, prompts, params, seed)
-    for name, bs in batches.items():
-        texts[name] = [t for b in bs for t in b.texts]
+    texts = {name: [t for b in bs for t in b.texts] for name, bs in batches.items()}
 
     plain = [prompt_text(p) for p in prompts]
     scores: dict[str, dict[str, list[float]]] = {name: {} for name in texts}
@@ -165,13 +182,14 @@ def evaluate(
                 "win_rate": win_rate(scores["tuned"][key], scores["base"][key]),
                 "difference": mean_ci(diffs),
             }
-        kl = []
-        for b in batches["tuned"]:
-            tuned_lp = sequence_logprob(tuned_model, b, params.temperature)
-            with tuned_model.disable_adapter():
-                base_lp = sequence_logprob(tuned_model, b, params.temperature)
-            kl.extend((tuned_lp - base_lp).tolist())
-        metrics["tuned"]["kl_from_base"] = mean_ci(kl)
+        if params.temperature > 0:  # greedy outputs have no distribution to compare
+            kl = []
+            for b in batches["tuned"]:
+                tuned_lp = sequence_logprob(tuned_model, b, params.temperature)
+                with base_view():
+                    base_lp = sequence_logprob(base_model, b, params.temperature)
+                kl.extend((tuned_lp - base_lp).tolist())
+            metrics["tuned"]["kl_from_base"] = mean_ci(kl)
         metrics["comparison"] = comparison
     metrics["settings"] = {
         "base": base,

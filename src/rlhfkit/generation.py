@@ -66,10 +66,12 @@ def sample_responses(
     pad_id: int,
 ) -> torch.Tensor:
     """Response ids (B, T): everything after the first EOS is ``pad_id``; the EOS itself is kept."""
+    from transformers import GenerationConfig
+
     greedy = params.temperature == 0
-    out = model.generate(
-        input_ids=query_ids,
-        attention_mask=query_mask,
+    # A fresh config: a model's own generation_config (repetition penalty, min_p, ...) would sample
+    # from another distribution than the one PPO scores.
+    config = GenerationConfig(
         max_new_tokens=params.max_new_tokens,
         do_sample=not greedy,
         temperature=None if greedy else params.temperature,
@@ -78,6 +80,7 @@ def sample_responses(
         eos_token_id=eos_id,
         pad_token_id=pad_id,
     )
+    out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
     return truncate_after_eos(out[:, query_ids.shape[1] :], eos_id, pad_id)
 
 

@@ -160,9 +160,9 @@ def _load_file_module(path: Path) -> Any:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except ImportError as e:
+    except Exception as e:  # a user's file: a SyntaxError or NameError is a problem they fix
         del sys.modules[name]
-        raise RlhfkitError(f"cannot import judge file {path}: {e}") from None
+        raise RlhfkitError(f"cannot import judge file {path}: {type(e).__name__}: {e}") from None
     return module
 
 
@@ -188,8 +188,8 @@ def load_judge(spec: str) -> Judge:
     else:
         try:
             module = importlib.import_module(target)
-        except ImportError as e:
-            raise RlhfkitError(f"cannot import judge module {target!r}: {e}") from None
+        except Exception as e:
+            raise RlhfkitError(f"cannot import judge module {target!r}: {type(e).__name__}: {e}") from None
         name = spec
     if not hasattr(module, fn_name):
         raise RlhfkitError(f"judge {spec!r}: module {target!r} has no attribute {fn_name!r}")

@@ -117,11 +117,12 @@ def _tiny_random_dir(seed: int = 0) -> Path:
                 eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id,
             )
-            torch.manual_seed(seed)
-            model = LlamaForCausalLM(config)
-            # An LM head (untied) large enough that logits spread like a real LM's (std ~2, not
-            # ~0.2): a policy can then shift probability mass in a few steps.
-            torch.nn.init.normal_(model.lm_head.weight, std=0.25)
+            with torch.random.fork_rng():  # leave the caller's random stream as it was
+                torch.manual_seed(seed)
+                model = LlamaForCausalLM(config)
+                # An LM head (untied) large enough that logits spread like a real LM's (std ~2, not
+                # ~0.2): a policy can then shift probability mass in a few steps.
+                torch.nn.init.normal_(model.lm_head.weight, std=0.25)
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
     return target
@@ -170,9 +171,12 @@ def load_causal_lm(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
 
 
 def disable_dropout(model: nn.Module) -> None:
+    """Dropout modules and the dropout rates attention layers copied from the config at init."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
     config = getattr(model, "config", None)
     for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if config is not None and isinstance(getattr(config, key, None), float):

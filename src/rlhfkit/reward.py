@@ -13,8 +13,8 @@ Recipe features and limits:
   full model), ``head.safetensors``, ``config.yaml``, ``metrics.json`` (with ``score_mean`` /
   ``score_std`` of training completions for PPO's reward normalisation), ``metrics.jsonl`` and a
   model card.
-- Not yet: resuming an interrupted reward training (each epoch's trainable weights are saved under
-  ``checkpoints/`` so nothing trained is lost).
+- Not yet: resuming an interrupted reward training (the last epoch's trainable weights are kept in
+  ``checkpoints/last`` in LoRA and probe modes, so nothing trained is lost).
 """
 
 from __future__ import annotations
@@ -165,31 +165,69 @@ def new_head(hidden_size: int, seed: int) -> nn.Linear:
 # Loading and scoring
 
 
-def load_reward_model(path: str | Path) -> tuple[RewardModel, object, dict]:
-    """A trained reward model directory as (model, tokenizer, metrics)."""
-    folder = Path(path)
-    if not (folder / "head.safetensors").exists() or not (folder / "config.yaml").exists():
-        raise RlhfkitError(f"{folder}: not a reward model directory (needs head.safetensors and config.yaml)")
+@dataclass
+class RewardModelDir:
+    """What a reward-model directory holds, read from its ``config.yaml`` and checked on disk.
+
+    ``kind`` is ``adapter`` (LoRA on ``base``), ``probe`` (the head alone on ``base``) or ``full``
+    (a whole fine-tuned model under ``model/``).
+    """
+
+    folder: Path
+    base: str
+    kind: str
+    metrics: dict
+    head: nn.Linear
+
+    @property
+    def score_mean(self) -> float:
+        return float(self.metrics.get("score_mean", 0.0))
+
+    @property
+    def score_std(self) -> float:
+        return float(self.metrics.get("score_std", 1.0)) or 1.0
+
+    def normalise(self, score: float | torch.Tensor) -> float | torch.Tensor:
+        """Scores in units of the training completions' spread, as PPO consumes them."""
+        return (score - self.score_mean) / self.score_std
+
+
+def read_reward_dir(path: str | Path) -> RewardModelDir:
+    """Check a directory written by ``rlhf reward train`` and say what it holds."""
     import yaml
 
-    cfg = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
-    metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else {}
-    if (folder / "model").is_dir():
-        trunk = load_causal_lm(str(folder / "model"))
-        tokenizer = load_tokenizer(str(folder / "model"))
-    elif (folder / "adapter").is_dir():
-        from peft import PeftModel
-
-        trunk = PeftModel.from_pretrained(load_causal_lm(cfg["model"]), folder / "adapter", adapter_name="reward")
-        tokenizer = load_tokenizer(cfg["model"])
-    else:  # a linear probe: the head alone on the frozen base
-        trunk = load_causal_lm(cfg["model"])
-        tokenizer = load_tokenizer(cfg["model"])
+    folder = Path(path)
+    if not (folder / "config.yaml").exists():
+        raise RlhfkitError(f"{folder}: not a reward model directory (no config.yaml)")
+    cfg = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
+    kind = "full" if cfg.get("full") else "probe" if cfg.get("lora_r") == 0 else "adapter"
+    needed = {"full": "model/config.json", "adapter": "adapter/adapter_config.json", "probe": "head.safetensors"}
+    for name in ("head.safetensors", "metrics.json", needed[kind]):
+        if not (folder / name).exists():
+            raise RlhfkitError(f"{folder}: incomplete reward model, {name} missing (was training interrupted?)")
     head_state = load_file(folder / "head.safetensors")
     head = nn.Linear(head_state["weight"].shape[1], 1)
     head.load_state_dict(head_state)
-    model = RewardModel(trunk, head).eval()
-    return model, tokenizer, metrics
+    metrics = json.loads((folder / "metrics.json").read_text())
+    return RewardModelDir(folder, str(cfg.get("model", "")), kind, metrics, head)
+
+
+def load_reward_model(path: str | Path) -> tuple[RewardModel, object, dict]:
+    """A trained reward model directory as (model, tokenizer, metrics)."""
+    info = read_reward_dir(path)
+    if info.kind == "full":
+        trunk = load_causal_lm(str(info.folder / "model"))
+        tokenizer = load_tokenizer(str(info.folder / "model"))
+    elif info.kind == "adapter":
+        from peft import PeftModel
+
+        trunk = PeftModel.from_pretrained(load_causal_lm(info.base), info.folder / "adapter", adapter_name="reward")
+        tokenizer = load_tokenizer(info.base)
+    else:
+        trunk = load_causal_lm(info.base)
+        tokenizer = load_tokenizer(info.base)
+    model = RewardModel(trunk, info.head).eval()
+    return model, tokenizer, info.metrics
 
 
 def encode_pairs(tokenizer, records: Sequence[PreferenceRecord], max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -518,12 +556,13 @@ def _save_trainable(model: RewardModel, folder: Path, full: bool) -> None:
 
 
 def _save_reward_model(model: RewardModel, tokenizer, out: Path, cfg: RewardTrainConfig) -> None:
-    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, out / "head.safetensors")
+    """Weights, then the head; ``metrics.json`` (written after) marks a complete directory."""
     if cfg.full:
         model.trunk.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
     elif cfg.lora_r > 0:
         model.trunk.save_pretrained(out / "adapter")
+    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, out / "head.safetensors")
 
 
 def _write_model_card(out: Path, cfg: RewardTrainConfig, metrics: dict) -> None:

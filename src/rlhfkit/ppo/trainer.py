@@ -42,14 +42,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rlhfkit.config import REQUIRED, option, save_config
+from rlhfkit.config import REQUIRED, load_yaml_config, option, save_config
 from rlhfkit.console import progress_bar
-from rlhfkit.data import PromptRecord, load_prompts, prompt_text
+from rlhfkit.data import Prompt, PromptRecord, load_prompts, prompt_text
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import (
     SamplingParams,
@@ -81,7 +80,7 @@ from rlhfkit.ppo.core import (
     value_loss,
     whiten,
 )
-from rlhfkit.reward import RewardModel, load_reward_model, new_head
+from rlhfkit.reward import RewardModel, RewardModelDir, load_reward_model, new_head, read_reward_dir, score_texts
 
 console = Console(stderr=True)
 POLICY = "default"
@@ -148,6 +147,11 @@ class PPOConfig:
             "lr_schedule must be constant or linear": self.lr_schedule in ("constant", "linear"),
             "target_kl must be > 0": self.target_kl is None or self.target_kl > 0,
             "trainable_layers must be >= 0": self.trainable_layers >= 0,
+            "max_new_tokens must be >= 1": self.max_new_tokens >= 1,
+            "max_prompt_tokens must be >= 1": self.max_prompt_tokens >= 1,
+            "lora_r must be >= 1 (or use --full)": self.full or self.lora_r >= 1,
+            "kl_horizon must be >= 1": self.kl_horizon >= 1,
+            "learning_rate must be > 0": self.learning_rate > 0,
             "save_every must be >= 0": self.save_every >= 0,
             "keep_checkpoints must be >= 1": self.keep_checkpoints >= 1,
         }
@@ -214,46 +218,46 @@ class RewardSource:
     def __init__(self, spec: str, policy_name: str, full: bool) -> None:
         self.spec = spec
         self.judge: Judge | None = None
-        self.model: RewardModel | None = None
-        self.shared_head: nn.Linear | None = None
+        self.info: RewardModelDir | None = None
+        self.model: RewardModel | None = None  # a reward model on its own backbone
+        self.tokenizer = None
         self.adapter_dir: Path | None = None
         self.adapter_split = 0
-        self.mean, self.std = 0.0, 1.0
-        folder = Path(spec)
         if spec.startswith("judge:"):
             self.judge = load_judge(spec.removeprefix("judge:"))
             return
-        if not folder.is_dir():
+        if not Path(spec).is_dir():
             if ":" not in spec:
                 raise RlhfkitError(f"--reward {spec!r}: not a reward-model directory, judge:NAME or module:function")
             self.judge = load_judge(spec)
             return
-        meta = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").exists() else {}
-        metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else {}
-        self.mean, self.std = metrics.get("score_mean", 0.0), metrics.get("score_std", 1.0) or 1.0
-        shares_base = meta.get("model") == policy_name and not (folder / "model").is_dir() and not full
-        if shares_base:
-            if (folder / "adapter").is_dir():
-                self.adapter_dir = folder / "adapter"
+        self.info = read_reward_dir(spec)
+        if self.shares_base(policy_name, full):
+            if self.info.kind == "adapter":
+                self.adapter_dir = self.info.folder / "adapter"
                 adapter_cfg = json.loads((self.adapter_dir / "adapter_config.json").read_text())
                 layers = adapter_cfg.get("layers_to_transform")
                 self.adapter_split = min(layers) if layers else 0
             else:  # a linear probe on the frozen base: read with every adapter disabled
                 self.adapter_split = 10**9
-            head_state = load_file(folder / "head.safetensors")
-            self.shared_head = nn.Linear(head_state["weight"].shape[1], 1)
-            self.shared_head.load_state_dict(head_state)
-            self.shared_head.requires_grad_(False)
+            self.info.head.requires_grad_(False)
         else:
-            self.model, _, _ = load_reward_model(folder)
+            self.model, self.tokenizer, _ = load_reward_model(spec)
             self.model.requires_grad_(False)
 
-    @property
-    def head(self) -> nn.Linear | None:
-        """The reward head, to initialise the value head from when the backbone is shared."""
-        if self.shared_head is not None:
-            return self.shared_head
-        return None
+    def shares_base(self, policy_name: str, full: bool) -> bool:
+        return self.info is not None and self.info.kind != "full" and self.info.base == policy_name and not full
+
+    def value_head_init(self, normalize: bool) -> nn.Linear | None:
+        """The reward head rescaled to the normalised reward PPO sees, when the backbone is shared."""
+        if self.info is None or self.model is not None:
+            return None
+        head = nn.Linear(self.info.head.in_features, 1)
+        scale, shift = (1 / self.info.score_std, self.info.score_mean) if normalize else (1.0, 0.0)
+        with torch.no_grad():
+            head.weight.copy_(self.info.head.weight * scale)
+            head.bias.copy_((self.info.head.bias - shift) * scale)
+        return head
 
     @torch.no_grad()
     def score(
@@ -269,19 +273,16 @@ class RewardSource:
     ) -> torch.Tensor:
         """Raw scores; ``ids``/``mask``/``lower`` cover ``query + response + EOS``."""
         if self.judge is not None:
-            return torch.tensor(self.judge(list(prompts), list(texts)), dtype=torch.float32)
-        if self.model is not None:
-            from rlhfkit.reward import score_sequences
-
-            rows = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
-            return torch.tensor(score_sequences(self.model, rows, tokenizer.pad_token_id), dtype=torch.float32)
+            return torch.tensor(self.judge([prompt_text(p) for p in prompts], list(texts)), dtype=torch.float32)
+        if self.model is not None:  # its own backbone and tokenizer: score the texts
+            return torch.tensor(score_texts(self.model, self.tokenizer, prompts, texts), dtype=torch.float32)
         with self._reward_adapter(policy):
             if lower is not None and self.adapter_split >= split:
                 hidden = upper_hidden(policy, lower, mask, split)
             else:
                 hidden = final_hidden(policy, ids, mask)
         rows = torch.arange(ids.shape[0])
-        return self.shared_head(hidden[rows, last_token_index(mask)]).squeeze(-1)
+        return self.info.head(hidden[rows, last_token_index(mask)]).squeeze(-1)
 
     @contextmanager
     def _reward_adapter(self, policy: nn.Module) -> Iterator[None]:
@@ -296,9 +297,9 @@ class RewardSource:
             policy.set_adapter(POLICY)
 
     def normalise(self, scores: torch.Tensor, enabled: bool) -> torch.Tensor:
-        if self.judge is not None or not enabled:
+        if self.info is None or not enabled:
             return scores
-        return (scores - self.mean) / self.std
+        return self.info.normalise(scores)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,7 +320,7 @@ class Rollout:
     ended: torch.Tensor
     entropy: torch.Tensor
     texts: list[str]
-    prompts: list[str]
+    prompts: list[Prompt]
 
 
 class PromptStream:
@@ -356,6 +357,8 @@ class PPOTrainer:
     def __init__(self, cfg: PPOConfig, accelerator: Any = None) -> None:
         from accelerate import Accelerator
 
+        if cfg.max_steps is None:
+            cfg.max_steps = DEFAULT_MAX_STEPS
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -370,7 +373,6 @@ class PPOTrainer:
         self.queries = [
             ids[-cfg.max_prompt_tokens :] for ids in encode_prompts(self.tokenizer, [r.prompt for r in records])
         ]
-        self.prompt_texts = [prompt_text(r.prompt) for r in records]
         self.stream = PromptStream(len(records), cfg.seed)
 
         base = load_causal_lm(cfg.policy)
@@ -392,9 +394,7 @@ class PPOTrainer:
             if self.reward.adapter_dir is not None:
                 trunk.load_adapter(self.reward.adapter_dir, adapter_name=REWARD, is_trainable=False)
                 trunk.set_adapter(POLICY)
-        value_head = new_head(base.config.hidden_size, cfg.seed)
-        if self.reward.head is not None:  # same backbone: start the value function from the reward head
-            value_head.load_state_dict(self.reward.head.state_dict())
+        value_head = self.reward.value_head_init(cfg.normalize_reward) or new_head(base.config.hidden_size, cfg.seed)
         value_head.requires_grad_(True)
         self.model = PolicyWithValue(trunk, value_head, self.split)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -453,7 +453,7 @@ class PPOTrainer:
             tok.decode(r[: int(n) - int(bool(e))], skip_special_tokens=True)
             for r, n, e in zip(responses, lengths, ended, strict=True)
         ]
-        prompts = [self.prompt_texts[i] for i in prompt_idx]
+        prompts = [self.records[i].prompt for i in prompt_idx]
         raw = self.reward.score(core.trunk, self.split, ids_ext, mask_ext, lower_ext, prompts, texts, tok)
         scores = self.reward.normalise(raw.float(), cfg.normalize_reward)
         t2 = time.perf_counter()
@@ -492,8 +492,7 @@ class PPOTrainer:
         stats: dict[str, list[float]] = {
             k: [] for k in ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl")
         }
-        self.model.train()
-        n = r.ids.shape[0]
+        n = r.ids.shape[0]  # the model stays in eval mode: dropout off, as in the rollout
         generator = torch.Generator().manual_seed(cfg.seed * 100003 + self.step)
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(n, generator=generator)
@@ -524,7 +523,6 @@ class PPOTrainer:
                     ("approx_kl", approx_kl),
                 ):
                     stats[key].append(float(value.detach()))
-        self.model.eval()
         self.scheduler.step()
 
         seq_kl = kl.sum(-1)
@@ -550,10 +548,8 @@ class PPOTrainer:
     # -- checkpoints ----------------------------------------------------------------------------
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        core = self.core
-        if self.cfg.full:
-            return {k: v.detach().contiguous() for k, v in core.state_dict().items()}
-        return {k: v.detach().contiguous() for k, v in core.named_parameters() if v.requires_grad}
+        """Trainable parameters only (named_parameters lists a tied embedding/LM head once)."""
+        return {k: v.detach().contiguous() for k, v in self.core.named_parameters() if v.requires_grad}
 
     def save_checkpoint(self) -> Path:
         folder = self.out / "checkpoints" / f"step-{self.step:06d}"
@@ -655,7 +651,10 @@ class PPOTrainer:
                         "--resume from the last checkpoint with a lower learning rate"
                     )
                 if row["kl"] > cfg.max_kl:
-                    stop_reason = f"KL {row['kl']:.2f} passed --max-kl {cfg.max_kl}: the policy drifted too far"
+                    stop_reason = (
+                        f"KL {row['kl']:.2f} passed --max-kl {cfg.max_kl}: the policy drifted too far "
+                        "(earlier weights are in checkpoints/)"
+                    )
                     console.print(f"[yellow]stopping: {stop_reason}[/yellow]")
                     break
                 if cfg.save_every and self.step % cfg.save_every == 0:
@@ -670,7 +669,8 @@ class PPOTrainer:
                     break
         if writer is not None:
             writer.close()
-        self.save_checkpoint()
+        if latest_checkpoint(self.out) != self.out / "checkpoints" / f"step-{self.step:06d}":
+            self.save_checkpoint()
         summary = {
             "steps": self.step,
             "stop": stop_reason,
@@ -738,11 +738,15 @@ def run_ppo(cfg: PPOConfig) -> dict[str, float]:
         run_dir = Path(cfg.resume)
         if not (run_dir / "config.yaml").exists():
             raise RlhfkitError(f"{run_dir}: not a PPO run directory (no config.yaml)")
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        saved = load_yaml_config(PPOConfig, run_dir / "config.yaml")
         if cfg.max_steps is not None:
             saved["max_steps"] = cfg.max_steps
         saved["resume"] = str(run_dir)
-        cfg = PPOConfig(**saved)
+        saved["out"] = str(run_dir)  # the run may have moved since it started
+        try:
+            cfg = PPOConfig(**saved)
+        except (TypeError, ValueError) as exc:
+            raise RlhfkitError(f"{run_dir / 'config.yaml'}: {exc}") from exc
         checkpoint = latest_checkpoint(run_dir)
         trainer = PPOTrainer(cfg)
         if checkpoint is not None:
