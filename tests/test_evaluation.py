@@ -44,7 +44,10 @@ def test_demo_runs_the_whole_loop_on_tiny_random(tmp_path: Path) -> None:
             assert key in metrics[side], (side, key)
         assert {"mean", "ci_low", "ci_high"} <= set(metrics[side]["nontoxic"])
     assert "kl_from_base" in metrics["tuned"]
-    assert 0 <= metrics["comparison"]["nontoxic"]["win_rate"] <= 1
+    comparison = metrics["comparison"]
+    assert 0 <= comparison["nontoxic"]["win_rate"] <= 1
+    # nontoxic = 1 - toxicity, and a win on toxicity is a lower one: the two win rates agree
+    assert comparison["toxicity"]["win_rate"] == pytest.approx(comparison["nontoxic"]["win_rate"])
     assert (out / "SUMMARY.md").read_text().startswith("# rlhfkit demo")
     rows = [json.loads(line) for line in (out / "eval" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and {"base_completion", "tuned_completion", "base_nontoxic", "tuned_nontoxic"} <= set(
@@ -52,3 +55,4 @@ def test_demo_runs_the_whole_loop_on_tiny_random(tmp_path: Path) -> None:
     )
     again = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert again.exit_code == 2 and "earlier demo" in again.output
+

@@ -23,13 +23,14 @@ from rich.table import Table
 
 from rlhfkit.data import Prompt, prompt_text, write_jsonl
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.generation import SamplingParams, encode_prompts, left_pad, response_lengths, sample_responses
+from rlhfkit.generation import SamplingParams, encode_prompts, left_pad, sample_batch
 from rlhfkit.judges import load_judge, toxicity
 from rlhfkit.models import final_hidden, load_causal_lm, load_tokenizer
 from rlhfkit.ppo.trainer import response_logprobs
 from rlhfkit.reward import load_reward_model, score_texts
 
 Z95 = 1.959963984540054
+LOWER_IS_BETTER = {"toxicity"}
 
 
 def mean_ci(values: Sequence[float]) -> dict[str, float]:
@@ -89,25 +90,19 @@ def sample(
     """One completion per prompt, in batches; returns the batches (ids kept for log-probs)."""
     torch.manual_seed(seed)
     encoded = encode_prompts(tokenizer, prompts)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id
     out = []
     for start in range(0, len(encoded), batch_size):
         q_ids, q_mask = left_pad(encoded[start : start + batch_size], pad)
-        responses = sample_responses(model, q_ids, q_mask, params, eos, pad)
-        lengths, ended = response_lengths(responses, eos)
-        r_mask = (torch.arange(responses.shape[1])[None, :] < lengths[:, None]).long()
-        texts = [
-            tokenizer.decode(r[: int(n) - int(bool(e))], skip_special_tokens=True)
-            for r, n, e in zip(responses, lengths, ended, strict=True)
-        ]
+        batch = sample_batch(model, tokenizer, q_ids, q_mask, params)
         out.append(
             Samples(
-                texts,
-                torch.cat([q_ids, responses], 1),
-                torch.cat([q_mask, r_mask], 1),
+                batch.texts,
+                torch.cat([q_ids, batch.responses], 1),
+                torch.cat([q_mask, batch.mask], 1),
                 q_ids.shape[1],
-                lengths.tolist(),
-                ended.tolist(),
+                batch.lengths.tolist(),
+                batch.ended.tolist(),
             )
         )
     return out
@@ -178,10 +173,10 @@ def evaluate(
         comparison: dict[str, dict] = {}
         for key in scores["tuned"]:
             diffs = [t - b for t, b in zip(scores["tuned"][key], scores["base"][key], strict=True)]
-            comparison[key] = {
-                "win_rate": win_rate(scores["tuned"][key], scores["base"][key]),
-                "difference": mean_ci(diffs),
-            }
+            tuned_scores, base_scores = scores["tuned"][key], scores["base"][key]
+            if key in LOWER_IS_BETTER:  # a win is a lower toxicity
+                tuned_scores, base_scores = [-x for x in tuned_scores], [-x for x in base_scores]
+            comparison[key] = {"win_rate": win_rate(tuned_scores, base_scores), "difference": mean_ci(diffs)}
         if params.temperature > 0:  # greedy outputs have no distribution to compare
             kl = []
             for b in batches["tuned"]:

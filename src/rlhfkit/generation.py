@@ -102,6 +102,35 @@ def response_lengths(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor
 
 
 @dataclass
+class SampledBatch:
+    """Responses to a batch of queries, with the bookkeeping every caller needs."""
+
+    responses: torch.Tensor  # (B, T) token ids, padding after the first EOS
+    mask: torch.Tensor  # (B, T) 1 on real response tokens, the EOS included
+    lengths: torch.Tensor  # tokens per response, EOS included
+    ended: torch.Tensor  # whether each response ended with EOS
+    texts: list[str]  # decoded without the EOS
+
+
+def sample_batch(
+    model: nn.Module,
+    tokenizer,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    params: SamplingParams,
+) -> SampledBatch:
+    """Sample one response per (left-padded) query, mask it by length (pad may equal EOS) and decode it."""
+    responses = sample_responses(model, query_ids, query_mask, params, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    lengths, ended = response_lengths(responses, tokenizer.eos_token_id)
+    mask = (torch.arange(responses.shape[1])[None, :] < lengths[:, None]).long()
+    texts = [
+        tokenizer.decode(r[: int(n) - int(bool(e))], skip_special_tokens=True)
+        for r, n, e in zip(responses, lengths, ended, strict=True)
+    ]
+    return SampledBatch(responses, mask, lengths, ended, texts)
+
+
+@dataclass
 class GenerationResult:
     completions: list[list[str]]
     """``num_completions`` texts per prompt, in prompt order."""
@@ -126,7 +155,7 @@ def generate_completions(
     encoded = encode_prompts(tokenizer, prompts)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     completions: list[list[str]] = [[] for _ in prompts]
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad_id = tokenizer.pad_token_id
     tokens = eos_count = 0
     progress = progress_bar("generate", disable=not show_progress)
     with progress:
@@ -135,13 +164,11 @@ def generate_completions(
             idx = order[b * batch_size : (b + 1) * batch_size]
             rows = [encoded[i] for i in idx for _ in range(num_completions)]
             ids, mask = left_pad(rows, pad_id)
-            responses = sample_responses(model, ids, mask, params, eos_id, pad_id)
-            lengths, ended = response_lengths(responses, eos_id)
-            tokens += int(lengths.sum())
-            eos_count += int(ended.sum())
-            for row, (response, n, done) in enumerate(zip(responses, lengths, ended, strict=True)):
-                kept = response[: int(n) - int(bool(done))]
-                completions[idx[row // num_completions]].append(tokenizer.decode(kept, skip_special_tokens=True))
+            batch = sample_batch(model, tokenizer, ids, mask, params)
+            tokens += int(batch.lengths.sum())
+            eos_count += int(batch.ended.sum())
+            for row, text in enumerate(batch.texts):
+                completions[idx[row // num_completions]].append(text)
             elapsed = time.perf_counter() - start
             progress.update(task, advance=len(idx), info=f"{tokens / elapsed:.0f} tok/s")
     return GenerationResult(completions, tokens, eos_count, time.perf_counter() - start)

@@ -50,13 +50,7 @@ from rlhfkit.config import REQUIRED, load_yaml_config, option, save_config
 from rlhfkit.console import progress_bar
 from rlhfkit.data import Prompt, PromptRecord, load_prompts, prompt_text
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.generation import (
-    SamplingParams,
-    encode_prompts,
-    left_pad,
-    response_lengths,
-    sample_responses,
-)
+from rlhfkit.generation import SamplingParams, encode_prompts, left_pad, sample_batch
 from rlhfkit.judges import Judge, load_judge
 from rlhfkit.models import (
     DEFAULT_MODEL,
@@ -424,12 +418,10 @@ class PPOTrainer:
         query_ids, query_mask = left_pad([self.queries[i] for i in prompt_idx], pad)
         params = SamplingParams(cfg.max_new_tokens, cfg.temperature, 1.0)
         core.trunk.eval()
-        responses = sample_responses(core.trunk, query_ids, query_mask, params, eos, pad)
-        lengths, ended = response_lengths(responses, eos)
+        batch = sample_batch(core.trunk, tok, query_ids, query_mask, params)
+        responses, response_mask, ended, texts = batch.responses, batch.mask, batch.ended, batch.texts
         t1 = time.perf_counter()
 
-        width = responses.shape[1]
-        response_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
         # One extra column holds an EOS for responses cut without one: the reward model always
         # reads a sequence ending in EOS. Causal attention leaves earlier positions unchanged.
         extra = torch.where(ended, pad, eos)[:, None]
@@ -449,10 +441,6 @@ class PPOTrainer:
             ref_hidden = final_hidden(self.ref, ids, mask)
             ref_logprobs, _ = response_logprobs(self.ref, ref_hidden, ids, qlen, cfg.temperature)
 
-        texts = [
-            tok.decode(r[: int(n) - int(bool(e))], skip_special_tokens=True)
-            for r, n, e in zip(responses, lengths, ended, strict=True)
-        ]
         prompts = [self.records[i].prompt for i in prompt_idx]
         raw = self.reward.score(core.trunk, self.split, ids_ext, mask_ext, lower_ext, prompts, texts, tok)
         scores = self.reward.normalise(raw.float(), cfg.normalize_reward)
