@@ -151,7 +151,8 @@ def config_command(group: typer.Typer, name: str, cls: type[C], run: Callable[[C
         decls = [f"{flag}/--no-{flag[2:]}"] if annotation is bool else [flag]
         if annotation in (int, float) and annotation is not hints[f.name]:
             annotation = str  # an optional number: 'off' unsets it on the command line
-            text += " ('off' to unset)"
+            if default is not None:
+                text += " ('off' to unset)"
         show = False if required or default in (None, "") else str(default)
         opt = typer.Option(None, *decls, help=text + (" (required)" if required else ""), show_default=show)
         params.append(
