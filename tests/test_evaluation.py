@@ -55,4 +55,3 @@ def test_demo_runs_the_whole_loop_on_tiny_random(tmp_path: Path) -> None:
     )
     again = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert again.exit_code == 2 and "earlier demo" in again.output
-
