@@ -10,6 +10,8 @@ import json
 import random
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,6 +294,15 @@ class DemoConfig:
     seed: int = option(0, "Seed of every stage.")
 
 
+@contextmanager
+def _stage(title: str, key: str, seconds: dict[str, float]) -> Iterator[None]:
+    """A rule naming the demo stage, and its wall time recorded under ``key``."""
+    console.rule(title)
+    started = time.perf_counter()
+    yield
+    seconds[key] = time.perf_counter() - started
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Prompts -> generate -> label judge (nontoxic) -> reward train -> ppo -> held-out evaluation."""
     from rlhfkit.data import load_prompts, prompt_row, write_jsonl
@@ -319,80 +330,70 @@ def run_demo(cfg: DemoConfig) -> dict:
     started = time.perf_counter()
     seconds: dict[str, float] = {}
 
-    console.rule("1/5 generate candidates")
-    t = time.perf_counter()
-    run_generate(
-        GenerateConfig(
-            prompts=str(out / "prompts_reward.jsonl"),
-            out=str(out / "candidates.jsonl"),
-            model=cfg.model,
-            num_completions=cfg.num_completions,
-            max_new_tokens=cfg.max_new_tokens,
-            seed=cfg.seed,
+    with _stage("1/5 generate candidates", "generate", seconds):
+        run_generate(
+            GenerateConfig(
+                prompts=str(out / "prompts_reward.jsonl"),
+                out=str(out / "candidates.jsonl"),
+                model=cfg.model,
+                num_completions=cfg.num_completions,
+                max_new_tokens=cfg.max_new_tokens,
+                seed=cfg.seed,
+            )
         )
-    )
-    seconds["generate"] = time.perf_counter() - t
 
-    console.rule("2/5 label with the nontoxic judge")
-    t = time.perf_counter()
-    # Near-ties (judge scores within 0.05) are left out, as a person's "tie" would be.
-    labels = run_label_judge(
-        LabelJudgeConfig(
-            candidates=str(out / "candidates.jsonl"),
-            out=str(out / "preferences.jsonl"),
-            seed=cfg.seed,
-            tau=0.05,
-            min_gap=0.05,
+    with _stage("2/5 label with the nontoxic judge", "label", seconds):
+        # Near-ties (judge scores within 0.05) are left out, as a person's "tie" would be.
+        labels = run_label_judge(
+            LabelJudgeConfig(
+                candidates=str(out / "candidates.jsonl"),
+                out=str(out / "preferences.jsonl"),
+                seed=cfg.seed,
+                tau=0.05,
+                min_gap=0.05,
+            )
         )
-    )
-    seconds["label"] = time.perf_counter() - t
 
-    console.rule("3/5 train the reward model")
-    t = time.perf_counter()
-    reward_metrics = run_reward_train(
-        RewardTrainConfig(
-            data=str(out / "preferences.jsonl"),
-            out=str(out / "reward_model"),
-            model=cfg.model,
-            seed=cfg.seed,
-            epochs=3,
-            learning_rate=1e-3,
-            eval_fraction=0.2,
+    with _stage("3/5 train the reward model", "reward", seconds):
+        reward_metrics = run_reward_train(
+            RewardTrainConfig(
+                data=str(out / "preferences.jsonl"),
+                out=str(out / "reward_model"),
+                model=cfg.model,
+                seed=cfg.seed,
+                epochs=3,
+                learning_rate=1e-3,
+                eval_fraction=0.2,
+            )
         )
-    )
-    seconds["reward"] = time.perf_counter() - t
 
-    console.rule("4/5 PPO against the reward model")
-    t = time.perf_counter()
-    ppo_summary = run_ppo_command(
-        PPOConfig(
-            reward=str(out / "reward_model"),
-            prompts=str(out / "prompts_ppo.jsonl"),
-            out=str(out / "ppo"),
-            policy=cfg.model,
-            max_steps=steps,
-            max_new_tokens=cfg.max_new_tokens,
-            # Short completions rarely end on their own here: an EOS penalty would drown the reward.
-            missing_eos_penalty=None,
-            save_every=5,
-            seed=cfg.seed,
+    with _stage("4/5 PPO against the reward model", "ppo", seconds):
+        ppo_summary = run_ppo_command(
+            PPOConfig(
+                reward=str(out / "reward_model"),
+                prompts=str(out / "prompts_ppo.jsonl"),
+                out=str(out / "ppo"),
+                policy=cfg.model,
+                max_steps=steps,
+                max_new_tokens=cfg.max_new_tokens,
+                # Short completions rarely end on their own here: an EOS penalty would drown the reward.
+                missing_eos_penalty=None,
+                save_every=5,
+                seed=cfg.seed,
+            )
         )
-    )
-    seconds["ppo"] = time.perf_counter() - t
 
-    console.rule("5/5 evaluate base vs tuned on held-out prompts")
-    t = time.perf_counter()
-    metrics = evaluate(
-        cfg.model,
-        out / "ppo",
-        [p.prompt for p in held],
-        judges=["nontoxic"],
-        reward_model=out / "reward_model",
-        params=SamplingParams(cfg.max_new_tokens, 0.7),
-        seed=cfg.seed + 1,
-        out=out / "eval",
-    )
-    seconds["eval"] = time.perf_counter() - t
+    with _stage("5/5 evaluate base vs tuned on held-out prompts", "eval", seconds):
+        metrics = evaluate(
+            cfg.model,
+            out / "ppo",
+            [p.prompt for p in held],
+            judges=["nontoxic"],
+            reward_model=out / "reward_model",
+            params=SamplingParams(cfg.max_new_tokens, 0.7),
+            seed=cfg.seed + 1,
+            out=out / "eval",
+        )
     print_comparison(metrics, console)
     examples = metrics.pop("examples", [])
     metrics["pipeline"] = {

@@ -208,6 +208,11 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long() * (positions + 1)).argmax(-1)
 
 
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters only, ready for safetensors (named_parameters lists tied weights once)."""
+    return {k: v.detach().contiguous() for k, v in model.named_parameters() if v.requires_grad}
+
+
 def decoder_of(model: nn.Module) -> nn.Module:
     """The decoder stack (embeddings, ``layers``, final norm) inside a causal LM or peft wrapper."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -47,6 +47,7 @@ from rlhfkit.models import (
     lora_config,
     lower_hidden,
     num_layers,
+    trainable_state,
     upper_hidden,
 )
 
@@ -544,15 +545,11 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
     return metrics
 
 
-def _trainable_state(model: RewardModel) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous() for k, v in model.named_parameters() if v.requires_grad}
-
-
 def _save_trainable(model: RewardModel, folder: Path, full: bool) -> None:
     if full:
         return  # a full copy per epoch would be the whole model again; the final save has it
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(_trainable_state(model), folder / "trainable.safetensors")
+    save_file(trainable_state(model), folder / "trainable.safetensors")
 
 
 def _save_reward_model(model: RewardModel, tokenizer, out: Path, cfg: RewardTrainConfig) -> None:

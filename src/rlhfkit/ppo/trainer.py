@@ -61,6 +61,7 @@ from rlhfkit.models import (
     lora_config,
     lower_hidden,
     num_layers,
+    trainable_state,
     upper_hidden,
 )
 from rlhfkit.ppo.core import (
@@ -535,16 +536,12 @@ class PPOTrainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Trainable parameters only (named_parameters lists a tied embedding/LM head once)."""
-        return {k: v.detach().contiguous() for k, v in self.core.named_parameters() if v.requires_grad}
-
     def save_checkpoint(self) -> Path:
         folder = self.out / "checkpoints" / f"step-{self.step:06d}"
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(self.trainable_state(), tmp / "trainable.safetensors")
+        save_file(trainable_state(self.core), tmp / "trainable.safetensors")
         torch.save(
             {
                 "optimizer": self.optimizer.state_dict(),
@@ -571,7 +568,7 @@ class PPOTrainer:
 
     def load_checkpoint(self, folder: Path) -> None:
         state = load_file(folder / "trainable.safetensors")
-        missing = set(self.trainable_state()) - set(state)
+        missing = set(trainable_state(self.core)) - set(state)
         if missing:
             raise RlhfkitError(f"{folder}: checkpoint lacks {sorted(missing)[:3]} (made with other settings?)")
         self.core.load_state_dict(state, strict=False)
