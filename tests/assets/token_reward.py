@@ -32,3 +32,8 @@ def favoured_share(prompts: list[str], completions: list[str]) -> list[float]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         scores.append(sum(i in favoured for i in ids) / max(1, len(ids)))
     return scores
+
+
+def unfavoured_share(prompts: list[str], completions: list[str]) -> list[float]:
+    """The opposite judge: a monitor that falls exactly as the reward above rises (a hacked reward)."""
+    return [1.0 - s for s in favoured_share(prompts, completions)]

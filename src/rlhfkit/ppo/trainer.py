@@ -51,7 +51,7 @@ from rlhfkit.console import progress_bar
 from rlhfkit.data import Prompt, PromptRecord, load_prompts, prompt_text
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import SamplingParams, encode_prompts, left_pad, sample_batch
-from rlhfkit.judges import Judge, load_judge
+from rlhfkit.judges import Judge, distinct_n, load_judge
 from rlhfkit.models import (
     DEFAULT_MODEL,
     final_hidden,
@@ -75,6 +75,7 @@ from rlhfkit.ppo.core import (
     value_loss,
     whiten,
 )
+from rlhfkit.ppo.monitor import Alert, detect
 from rlhfkit.reward import RewardModel, RewardModelDir, load_reward_model, new_head, read_reward_dir, score_texts
 
 console = Console(stderr=True)
@@ -130,6 +131,22 @@ class PPOConfig:
     save_every: int = option(10, "Checkpoint every N steps (the last step is always saved).")
     keep_checkpoints: int = option(2, "Checkpoints kept on disk (oldest removed).")
     seed: int = option(0, "Seed of prompt order, sampling and initialisation.")
+    monitor_judge: str = option(
+        "", "Independent judge (not the reward) scored on --monitor-prompts every --monitor-every steps; empty = off."
+    )
+    monitor_prompts: str = option("", "Held-out prompts for the monitor (its first --monitor-num-prompts, fixed).")
+    monitor_num_prompts: int = option(32, "Prompts in the monitor's fixed batch.")
+    monitor_every: int = option(10, "Run the monitor every N steps (and at the first and last step).")
+    stop_on_hacking: bool = option(
+        False, "Stop at the first reward-hacking alert; the final adapter is then the monitor's best checkpoint."
+    )
+    hacking_window: int = option(5, "Steps (and monitor evaluations) the hacking detectors look back over.")
+    monitor_drop: float = option(0.02, "A monitor fall this large over the window, with the reward rising, alerts.")
+    length_ratio: float = option(2.0, "Alert when mean response length moves more than this factor from the start.")
+    kl_alert: float = option(20.0, "Alert when the mean KL over the window passes this (nats per sequence).")
+    min_distinct_2: float = option(
+        0.4, "Alert when distinct-2 of the monitor's completions (or the rollouts') falls below this."
+    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -149,6 +166,11 @@ class PPOConfig:
             "learning_rate must be > 0": self.learning_rate > 0,
             "save_every must be >= 0": self.save_every >= 0,
             "keep_checkpoints must be >= 1": self.keep_checkpoints >= 1,
+            "--monitor-judge needs --monitor-prompts": not self.monitor_judge or bool(self.monitor_prompts),
+            "monitor_every and monitor_num_prompts must be >= 1": self.monitor_every >= 1
+            and self.monitor_num_prompts >= 1,
+            "hacking_window must be >= 2": self.hacking_window >= 2,
+            "length_ratio must be > 1": self.length_ratio > 1,
         }
         failed = [text for text, ok in checks.items() if not ok]
         if failed:
@@ -399,6 +421,14 @@ class PPOTrainer:
         self.kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
         self.step = 0
         self.history: list[float] = []
+        self.monitor_judge: Judge | None = None
+        if cfg.monitor_judge:
+            self.monitor_judge = load_judge(cfg.monitor_judge)
+            held = load_prompts(cfg.monitor_prompts)[: cfg.monitor_num_prompts]
+            self.monitor_texts = [prompt_text(r.prompt) for r in held]
+            self.monitor_queries = [
+                ids[-cfg.max_prompt_tokens :] for ids in encode_prompts(self.tokenizer, [r.prompt for r in held])
+            ]
 
     def _lr_factor(self, step: int) -> float:
         if self.cfg.lr_schedule == "linear":
@@ -527,12 +557,57 @@ class PPOTrainer:
             **{k: sum(v) / len(v) for k, v in stats.items()},
             "response_length": float(lengths.mean()),
             "eos_rate": float(r.ended.float().mean()),
+            "distinct_2": distinct_n(r.texts, 2),
             "advantage_std": float(masked_mean(advantages**2, rmask).sqrt()),
             "value_mean": float(masked_mean(r.values, rmask)),
             "learning_rate": self.scheduler.get_last_lr()[0],
         }
         self.kl_ctl.update(metrics["kl"], n)
         return metrics
+
+    # -- reward-hacking monitor ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def run_monitor(self) -> dict[str, float]:
+        """Score the fixed held-out batch with the independent judge, with the same dice every time."""
+        assert self.monitor_judge is not None
+        cfg, tok, core = self.cfg, self.tokenizer, self.core
+        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, 1.0)
+        core.trunk.eval()
+        texts: list[str] = []
+        lengths: list[float] = []
+        with torch.random.fork_rng():  # the training run's random stream stays untouched (resume)
+            torch.manual_seed(cfg.seed + 1)
+            for start in range(0, len(self.monitor_queries), cfg.batch_size):
+                ids, mask = left_pad(self.monitor_queries[start : start + cfg.batch_size], tok.pad_token_id)
+                batch = sample_batch(core.trunk, tok, ids, mask, params)
+                texts += batch.texts
+                lengths += batch.lengths.float().tolist()
+        scores = self.monitor_judge(self.monitor_texts, texts)
+        return {
+            "monitor_score": sum(scores) / len(scores),
+            "monitor_distinct_2": distinct_n(texts, 2),
+            "monitor_length": sum(lengths) / len(lengths),
+        }
+
+    def _best(self) -> dict[str, Any] | None:
+        info = self.out / "best" / "info.json"
+        return json.loads(info.read_text()) if info.exists() else None
+
+    def _save_best(self, score: float) -> None:
+        """Keep the weights with the highest monitor score: what --stop-on-hacking falls back to."""
+        folder = self.out / "best"
+        tmp = folder.with_name("best.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(trainable_state(self.core), tmp / "trainable.safetensors")
+        (tmp / "info.json").write_text(json.dumps({"step": self.step, "monitor_score": score}))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+
+    def _alerts(self, rows: list[dict[str, Any]]) -> list[Alert]:
+        cfg = self.cfg
+        return detect(rows, cfg.hacking_window, cfg.monitor_drop, cfg.length_ratio, cfg.kl_alert, cfg.min_distinct_2)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -605,8 +680,15 @@ class PPOTrainer:
         cfg = self.cfg
         log_path = self.out / "metrics.jsonl"
         writer = _tensorboard(self.out)
-        last: dict[str, float] = {}
+        last: dict[str, Any] = {}
         stop_reason = f"reached max_steps={cfg.max_steps}"
+        rows = _read_log(log_path)
+        active = {a.kind for a in self._alerts(rows)}
+        best = self._best()
+        if best is not None and best["step"] > self.step:  # saved after the checkpoint we resume from
+            shutil.rmtree(self.out / "best")
+            best = None
+        hacked = False
         progress = progress_bar("ppo")
         with progress, log_path.open("a", encoding="utf-8") as log:
             task = progress.add_task("ppo", total=cfg.max_steps, completed=self.step, info="")
@@ -618,11 +700,25 @@ class PPOTrainer:
                 self.step += 1
                 row = {"step": self.step, **metrics, **timing, "time_train": time.perf_counter() - t1}
                 row["seconds"] = time.perf_counter() - t0
+                if self.monitor_judge is not None and (
+                    self.step == 1 or self.step % cfg.monitor_every == 0 or self.step == cfg.max_steps
+                ):
+                    row.update(self.run_monitor())
+                    if best is None or row["monitor_score"] > best["monitor_score"]:
+                        self._save_best(row["monitor_score"])
+                        best = self._best()
+                rows.append(row)
+                alerts = self._alerts(rows)
+                new = [a for a in alerts if a.kind not in active]
+                active = {a.kind for a in alerts}
+                if alerts:
+                    row["alerts"] = sorted(active)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 if writer is not None:
                     for key, value in row.items():
-                        writer.add_scalar(f"ppo/{key}", value, self.step)
+                        if isinstance(value, (int, float)):
+                            writer.add_scalar(f"ppo/{key}", value, self.step)
                 last = row
                 self.history = ([*self.history, row["reward_mean"]])[-cfg.threshold_window :]
                 progress.update(
@@ -630,6 +726,12 @@ class PPOTrainer:
                     completed=self.step,
                     info=f"reward {row['reward_mean']:+.3f} kl {row['kl']:.3f} {row['seconds']:.1f}s/step",
                 )
+                for alert in new:
+                    console.print(f"[yellow]reward-hacking alert at step {alert.step}: {alert.message}[/yellow]")
+                if new and cfg.stop_on_hacking:
+                    hacked = True
+                    stop_reason = f"--stop-on-hacking: {new[0].kind} at step {self.step}"
+                    break
                 if not math.isfinite(row["kl"]):
                     raise RlhfkitError(
                         f"step {self.step}: KL turned NaN/inf; "
@@ -664,6 +766,14 @@ class PPOTrainer:
                 for k in ("reward_mean", "kl", "kl_coef", "entropy", "response_length", "eos_rate", "seconds")
             },
         }
+        if self.monitor_judge is not None:
+            summary["monitor_score"] = next((r["monitor_score"] for r in reversed(rows) if "monitor_score" in r), None)
+        if active:
+            summary["alerts"] = ", ".join(sorted(active))
+        if hacked and best is not None:
+            # The checkpoint above holds the last step (to resume from); the final adapter is the best one.
+            self.core.load_state_dict(load_file(self.out / "best" / "trainable.safetensors"), strict=False)
+            summary["final_weights"] = f"step {best['step']} (best monitor score {best['monitor_score']:.4f})"
         self.save_final(summary)
         return summary
 
@@ -755,6 +865,12 @@ def run_ppo(cfg: PPOConfig) -> dict[str, float]:
         trainer = PPOTrainer(cfg)
     summary = trainer.train()
     return summary
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _truncate_log(path: Path, step: int) -> None:

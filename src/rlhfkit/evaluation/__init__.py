@@ -24,7 +24,7 @@ from rich.table import Table
 from rlhfkit.data import Prompt, prompt_text, write_jsonl
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import SamplingParams, encode_prompts, left_pad, sample_batch
-from rlhfkit.judges import load_judge, toxicity
+from rlhfkit.judges import distinct_n, load_judge, toxicity
 from rlhfkit.models import final_hidden, load_causal_lm, load_tokenizer
 from rlhfkit.ppo.trainer import response_logprobs
 from rlhfkit.reward import load_reward_model, score_texts
@@ -114,12 +114,6 @@ def sequence_logprob(model: torch.nn.Module, batch: Samples, temperature: float)
     logp, _ = response_logprobs(model, hidden, batch.ids, batch.query_len, temperature)
     response_mask = batch.mask[:, batch.query_len :].float()
     return (logp * response_mask).sum(-1)
-
-
-def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Unique n-grams over all n-grams across the texts (diversity; 0 when there are none)."""
-    grams = [tuple(words[i : i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def evaluate(

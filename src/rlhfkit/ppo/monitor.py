@@ -1,0 +1,146 @@
+"""Reward-hacking detectors: the failure modes PPO users report most, read off the metric log.
+
+Each detector is a pure function of the rows ``rlhf ppo`` writes to ``metrics.jsonl`` (one dict per
+step; monitor keys only on the steps the monitor ran), so they can be tested on synthetic curves
+and re-run on any finished run. They return an :class:`Alert` or ``None``:
+
+- ``reward_up_monitor_down``: over the last ``window`` monitor evaluations the training reward rose
+  while the independent judge fell by at least ``drop`` (the policy games the reward model);
+- ``length_runaway``: mean response length over the last ``window`` steps left
+  [first / ratio, first * ratio] of the first ``window`` steps (rambling to the limit, or empty answers);
+- ``kl_runaway``: mean KL over the last ``window`` steps passed ``bound``, or fell below ``-1``
+  (negative KL means the sampled tokens and the scored distribution disagree: a sampling bug);
+- ``diversity_collapse``: distinct-2 of the monitor's completions (or of the rollouts when no
+  monitor runs) fell below ``bound`` (the same answer for every prompt).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+NEGATIVE_KL = -1.0
+"""Mean sequence KL below this is not noise: the estimator or the sampling is broken."""
+
+
+@dataclass(frozen=True)
+class Alert:
+    kind: str
+    step: int
+    message: str
+
+
+def slope(values: Sequence[float]) -> float:
+    """Least-squares slope per index: the trend of a short, noisy curve."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean_x, mean_y = (n - 1) / 2, sum(values) / n
+    num = sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values))
+    den = sum((i - mean_x) ** 2 for i in range(n))
+    return num / den
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def monitor_points(rows: Sequence[dict[str, Any]]) -> list[tuple[int, float, float]]:
+    """(step, mean training reward since the previous evaluation, monitor score) per evaluation.
+
+    Averaging the reward between evaluations smooths the per-batch noise of a 16-prompt rollout.
+    """
+    points, since = [], []
+    for row in rows:
+        if "reward_mean" in row:
+            since.append(row["reward_mean"])
+        if "monitor_score" in row and since:
+            points.append((row["step"], _mean(since), row["monitor_score"]))
+            since = []
+    return points
+
+
+def reward_up_monitor_down(rows: Sequence[dict[str, Any]], window: int, drop: float) -> Alert | None:
+    points = monitor_points(rows)[-window:]
+    if len(points) < max(2, window):
+        return None
+    rewards, monitor = [p[1] for p in points], [p[2] for p in points]
+    fell = monitor[0] - monitor[-1]
+    if rewards[-1] > rewards[0] and slope(rewards) > 0 and slope(monitor) < 0 and fell >= drop:
+        return Alert(
+            "reward_up_monitor_down",
+            points[-1][0],
+            f"reward rose {rewards[0]:+.3f} -> {rewards[-1]:+.3f} while the monitor fell "
+            f"{monitor[0]:.3f} -> {monitor[-1]:.3f} over the last {len(points)} evaluations "
+            "(the policy may be gaming the reward)",
+        )
+    return None
+
+
+def length_runaway(rows: Sequence[dict[str, Any]], window: int, ratio: float) -> Alert | None:
+    lengths = [r["response_length"] for r in rows if "response_length" in r]
+    if len(lengths) < 2 * window:
+        return None
+    first, recent = _mean(lengths[:window]), _mean(lengths[-window:])
+    if recent > first * ratio or recent * ratio < first:
+        return Alert(
+            "length_runaway",
+            rows[-1]["step"],
+            f"mean response length went {first:.1f} -> {recent:.1f} tokens (more than {ratio:g}x either way)",
+        )
+    return None
+
+
+def kl_runaway(rows: Sequence[dict[str, Any]], window: int, bound: float) -> Alert | None:
+    kls = [r["kl"] for r in rows if "kl" in r][-window:]
+    if len(kls) < window:
+        return None
+    recent = _mean(kls)
+    if recent > bound:
+        message = f"mean KL over the last {window} steps is {recent:.2f} > {bound:g}"
+        return Alert("kl_runaway", rows[-1]["step"], message)
+    if recent < NEGATIVE_KL:
+        return Alert(
+            "negative_kl",
+            rows[-1]["step"],
+            f"mean KL over the last {window} steps is {recent:.2f} < 0: the sampled responses do not come from "
+            "the distribution that is scored (sampling settings differ from the log-probabilities?)",
+        )
+    return None
+
+
+def diversity_collapse(rows: Sequence[dict[str, Any]], window: int, bound: float) -> Alert | None:
+    monitored = [r["monitor_distinct_2"] for r in rows if "monitor_distinct_2" in r]
+    if monitored:
+        value, source = monitored[-1], "the monitor's completions"
+    else:
+        recent = [r["distinct_2"] for r in rows if "distinct_2" in r][-window:]
+        if len(recent) < window:
+            return None
+        value, source = _mean(recent), f"rollouts (last {window} steps)"
+    if value < bound:
+        return Alert(
+            "diversity_collapse",
+            rows[-1]["step"],
+            f"distinct-2 of {source} is {value:.2f} < {bound:g}: answers are turning into one",
+        )
+    return None
+
+
+def detect(
+    rows: Sequence[dict[str, Any]],
+    window: int,
+    monitor_drop: float,
+    length_ratio: float,
+    kl_bound: float,
+    min_distinct_2: float,
+) -> list[Alert]:
+    """Every detector on the log so far."""
+    found = [
+        reward_up_monitor_down(rows, window, monitor_drop),
+        length_runaway(rows, window, length_ratio),
+        kl_runaway(rows, window, kl_bound),
+        diversity_collapse(rows, window, min_distinct_2),
+    ]
+    return [a for a in found if a is not None]
