@@ -275,6 +275,76 @@ _register_ppo()
 
 
 # ----------------------------------------------------------------------------------------------
+# rlhf eval
+
+
+@dataclass
+class EvalConfig:
+    """Options of ``rlhf eval``."""
+
+    prompts: str = option(REQUIRED, "Held-out prompt file (.jsonl/.json/.parquet) or builtin:NAME.", required=True)
+    out: str = option(REQUIRED, "Directory for metrics.json, samples.jsonl, report.html and plots/.", required=True)
+    base: str = option(DEFAULT_MODEL, "Base model: smollm2-135m, tiny-random, a model directory or org/name.")
+    adapter: list[str] = option([], "Run directory of `rlhf ppo` to compare with the base (repeat for several).")
+    reward_model: str = option("", "Reward-model directory to score every completion with (empty = none).")
+    judge: list[str] = option(
+        ["nontoxic"], "Judge to score with: nontoxic, sentiment, clean or module:function (repeat for several)."
+    )
+    num_samples: int = option(0, "Evaluate on the first N prompts, one completion each (0 = all).")
+    max_new_tokens: int = option(48, "Longest completion in tokens.")
+    temperature: float = option(0.7, "Sampling temperature, the same for every model (0 = greedy, no KL).")
+    batch_size: int = option(16, "Prompts per generation batch.")
+    seed: int = option(0, "Sampling seed, the same for every model (common random numbers).")
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 0 or self.batch_size < 1 or self.max_new_tokens < 1 or self.temperature < 0:
+            raise ValueError("num_samples must be >= 0, batch_size and max_new_tokens >= 1, temperature >= 0")
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    from rlhfkit.data import load_prompts, read_rows
+    from rlhfkit.evaluation import adapter_names, evaluate, print_comparison
+    from rlhfkit.evaluation.report import write_report
+    from rlhfkit.generation import SamplingParams
+
+    records = load_prompts(cfg.prompts)
+    if cfg.num_samples:
+        records = records[: cfg.num_samples]
+    for run in cfg.adapter:
+        if not Path(run).is_dir():
+            raise RlhfkitError(f"--adapter {run}: no such run directory")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    metrics = evaluate(
+        cfg.base,
+        cfg.adapter,
+        [r.prompt for r in records],
+        judges=cfg.judge,
+        reward_model=cfg.reward_model or None,
+        params=SamplingParams(cfg.max_new_tokens, cfg.temperature),
+        seed=cfg.seed,
+        out=out,
+        batch_size=cfg.batch_size,
+    )
+    metrics.pop("examples", None)
+    rows = [row for _, row in read_rows(out / "samples.jsonl")]
+    report = write_report(out, metrics, rows, adapter_names(cfg.adapter))
+    print_comparison(metrics, console)
+    console.print(f"wrote {out / 'metrics.json'}, {out / 'samples.jsonl'} and {report}", markup=False)
+    return metrics
+
+
+config_command(
+    app,
+    "eval",
+    EvalConfig,
+    run_eval,
+    "Base vs tuned on held-out prompts: metrics.json, samples.jsonl and a report.html with plots.",
+)
+
+
+# ----------------------------------------------------------------------------------------------
 # rlhf demo
 
 
@@ -305,9 +375,8 @@ def _stage(title: str, key: str, seconds: dict[str, float]) -> Iterator[None]:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Prompts -> generate -> label judge (nontoxic) -> reward train -> ppo -> held-out evaluation."""
-    from rlhfkit.data import load_prompts, prompt_row, write_jsonl
-    from rlhfkit.evaluation import evaluate, print_comparison
-    from rlhfkit.generation import SamplingParams
+    from rlhfkit.data import load_prompts, prompt_row, read_rows, write_jsonl
+    from rlhfkit.evaluation import gains_and_losses
     from rlhfkit.ppo.trainer import PPOConfig
     from rlhfkit.reward import RewardTrainConfig
 
@@ -320,12 +389,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     n_held = cfg.held_out or (64 if cfg.quick else 100)
     steps = cfg.ppo_steps or (40 if cfg.quick else 100)
     prompts = load_prompts(cfg.prompts)
-    if len(prompts) <= n_held + 8:
-        raise RlhfkitError(f"{cfg.prompts}: {len(prompts)} prompts; need more than --held-out {n_held} + 8")
+    n_monitor = min(32, max(4, len(prompts) // 10))
+    if len(prompts) <= n_held + n_monitor + 8:
+        raise RlhfkitError(
+            f"{cfg.prompts}: {len(prompts)} prompts; need more than --held-out {n_held} + {n_monitor} (monitor) + 8"
+        )
     random.Random(cfg.seed).shuffle(prompts)  # builtin sets are grouped by category: mix them
-    held, pool = prompts[-n_held:], prompts[:-n_held]
+    held, monitor, pool = prompts[-n_held:], prompts[-n_held - n_monitor : -n_held], prompts[: -n_held - n_monitor]
     write_jsonl(out / "prompts_reward.jsonl", [prompt_row(p) for p in pool[:n_rm]])
     write_jsonl(out / "prompts_ppo.jsonl", [prompt_row(p) for p in pool])
+    write_jsonl(out / "prompts_monitor.jsonl", [prompt_row(p) for p in monitor])
     write_jsonl(out / "prompts_heldout.jsonl", [prompt_row(p) for p in held])
     started = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -380,32 +453,42 @@ def run_demo(cfg: DemoConfig) -> dict:
                 missing_eos_penalty=None,
                 save_every=5,
                 seed=cfg.seed,
+                # The judge the labels came from, on prompts PPO never sees: does the policy game the RM?
+                monitor_judge="nontoxic",
+                monitor_prompts=str(out / "prompts_monitor.jsonl"),
+                monitor_every=max(1, steps // 10),
             )
         )
 
-    with _stage("5/5 evaluate base vs tuned on held-out prompts", "eval", seconds):
-        metrics = evaluate(
-            cfg.model,
-            out / "ppo",
-            [p.prompt for p in held],
-            judges=["nontoxic"],
-            reward_model=out / "reward_model",
-            params=SamplingParams(cfg.max_new_tokens, 0.7),
-            seed=cfg.seed + 1,
-            out=out / "eval",
+    with _stage("5/5 evaluate base vs tuned on held-out prompts, write the report", "eval", seconds):
+        metrics = run_eval(
+            EvalConfig(
+                prompts=str(out / "prompts_heldout.jsonl"),
+                out=str(out / "eval"),
+                base=cfg.model,
+                adapter=[str(out / "ppo")],
+                reward_model=str(out / "reward_model"),
+                judge=["nontoxic"],
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=0.7,
+                seed=cfg.seed + 1,
+            )
         )
-    print_comparison(metrics, console)
-    examples = metrics.pop("examples", [])
+    rows = [row for _, row in read_rows(out / "eval" / "samples.jsonl")]
+    examples = gains_and_losses(rows, "tuned", "nontoxic", 5)[0]
     metrics["pipeline"] = {
         "reward_model": {k: reward_metrics.get(k) for k in ("eval_accuracy", "eval_judge_accuracy", "train_pairs")},
         "labels": {k: labels.get(k) for k in ("count", "agreement")},
-        "ppo": {k: ppo_summary.get(k) for k in ("steps", "reward_mean", "kl")},
+        "ppo": {k: ppo_summary.get(k) for k in ("steps", "reward_mean", "kl", "monitor_score", "alerts")},
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _write_demo_summary(out, metrics, examples)
-    console.print(f"wrote {out / 'metrics.json'} and {out / 'SUMMARY.md'}", markup=False)
+    console.print(
+        f"wrote {out / 'metrics.json'}, {out / 'SUMMARY.md'} and the report {out / 'eval' / 'report.html'}",
+        markup=False,
+    )
     return metrics
 
 
@@ -434,6 +517,8 @@ def _write_demo_summary(out: Path, metrics: dict, examples: list[dict]) -> None:
         "",
         f"Nontoxic score change: {ci(diff)}: {'significant' if significant else 'not significant'} at 95%; "
         f"tuned wins on {comp['nontoxic']['win_rate']:.0%} of prompts (ties half).",
+        "",
+        "The full report with training curves, plots and samples: [eval/report.html](eval/report.html).",
         "",
         "## Samples where tuning helped most",
         "",

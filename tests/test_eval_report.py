@@ -1,0 +1,160 @@
+"""`rlhf eval` end to end on tiny-random: the three files, their keys, and the report in a real browser."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rlhfkit.cli import app
+from rlhfkit.data import write_jsonl
+from rlhfkit.ppo.trainer import PPOConfig, run_ppo
+
+ASSETS = Path(__file__).parent / "assets" / "token_reward.py"
+CHROMIUM = "/usr/bin/chromium"
+FAVOURED = "token_reward.py:favoured_share"  # a user judge's metric name: file and function
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two short monitored PPO runs and a held-out prompt file (one with a <script> to escape)."""
+    folder = tmp_path_factory.mktemp("eval")
+    prompts = folder / "prompts.jsonl"
+    topics = ["the sea", "a city", "music", "bread", "winter", "a train", "the moon", "a garden"]
+    write_jsonl(prompts, [{"prompt": f"Write one line about {t}."} for t in topics * 2])
+    held = folder / "held.jsonl"
+    hostile = {"prompt": "<script>window.pwned = 1</script>"}
+    write_jsonl(held, [{"prompt": f"Say something about {t}."} for t in topics] + [hostile])
+    made = {"prompts": prompts, "held": held}
+    for name, lr in (("run_a", 2e-3), ("run_b", 1e-3)):
+        made[name] = folder / name
+        run_ppo(
+            PPOConfig(
+                reward=f"{ASSETS}:favoured_share",
+                prompts=str(prompts),
+                out=str(folder / name),
+                policy="tiny-random",
+                max_steps=6,
+                batch_size=8,
+                mini_batch_size=4,
+                ppo_epochs=2,
+                max_new_tokens=6,
+                trainable_layers=1,
+                learning_rate=lr,
+                missing_eos_penalty=None,
+                save_every=0,
+                monitor_judge="nontoxic",
+                monitor_prompts=str(held),
+                monitor_num_prompts=4,
+                monitor_every=2,
+                hacking_window=2,
+                min_distinct_2=1.01,  # above any distinct-2: forces an alert into the report
+            )
+        )
+    return made
+
+
+def invoke(*args: str) -> object:
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_eval_writes_metrics_samples_and_report(runs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    invoke("eval", "--base", "tiny-random", "--adapter", str(runs["run_a"]), "--prompts", str(runs["held"]),
+           "--judge", "nontoxic", "--judge", f"{ASSETS}:favoured_share", "--out", str(out),
+           "--max-new-tokens", "6", "--seed", "3")  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    for side in ("base", "tuned"):
+        for key in (
+            "nontoxic",
+            "toxicity",
+            FAVOURED,
+            "response_length",
+            "eos_rate",
+            "distinct_1",
+            "distinct_2",
+        ):
+            assert key in metrics[side], (side, key)
+        assert set(metrics[side]["nontoxic"]) >= {"mean", "ci_low", "ci_high"}
+    assert math.isfinite(metrics["tuned"]["kl_from_base"]["mean"])
+    for key in ("nontoxic", "toxicity", FAVOURED):
+        assert 0 <= metrics["comparison"][key]["win_rate"] <= 1
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 9
+    assert {"prompt", "base_completion", "tuned_completion", "base_nontoxic", f"tuned_{FAVOURED}"} <= set(rows[0])
+    for png in ("training_curves.png", "reward_vs_kl.png", "score_histograms.png"):
+        assert (out / "plots" / png).stat().st_size > 1000, png
+    page = (out / "report.html").read_text()
+    assert "<script" not in page  # the held-out <script> prompt, if shown, is escaped
+    assert "diversity collapsed" in page  # the forced alert reached the report
+    assert page.count("data:image/png;base64,") == 3
+
+
+def test_eval_compares_several_adapters_and_the_base(runs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    invoke("eval", "--base", "tiny-random", "--adapter", str(runs["run_a"]), "--adapter", str(runs["run_b"]),
+           "--prompts", str(runs["held"]), "--num-samples", "4", "--out", str(out),
+           "--max-new-tokens", "5")  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["tuned"]) == {"run_a", "run_b"} and set(metrics["comparison"]) == {"run_a", "run_b"}
+    assert "kl_from_base" in metrics["tuned"]["run_b"]
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {"tuned_run_a_completion", "tuned_run_b_nontoxic"} <= set(rows[0])
+    # The same seed for every model: each adapter's samples equal what it gives when evaluated alone.
+    alone = tmp_path / "alone"
+    invoke("eval", "--base", "tiny-random", "--adapter", str(runs["run_b"]), "--prompts", str(runs["held"]),
+           "--num-samples", "4", "--out", str(alone), "--max-new-tokens", "5")  # fmt: skip
+    alone_rows = [json.loads(line) for line in (alone / "samples.jsonl").read_text().splitlines()]
+    assert [r["tuned_run_b_completion"] for r in rows] == [r["tuned_completion"] for r in alone_rows]
+    assert [r["base_completion"] for r in rows] == [r["base_completion"] for r in alone_rows]
+
+
+def test_eval_errors_are_one_line(runs: dict[str, Path], tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["eval", "--prompts", str(runs["held"]), "--out", str(tmp_path / "o"),
+                                      "--base", "tiny-random", "--adapter", str(tmp_path / "missing")])  # fmt: skip
+    assert result.exit_code == 2 and "no such run directory" in result.output
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is installed by `make install`")
+def test_report_renders_in_chromium_without_errors(runs: dict[str, Path], tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    out = tmp_path / "eval"
+    invoke("eval", "--base", "tiny-random", "--adapter", str(runs["run_a"]), "--prompts", str(runs["held"]),
+           "--out", str(out), "--max-new-tokens", "6")  # fmt: skip
+    shutil.rmtree(out / "plots")  # the page must stand alone
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+        )  # fmt: skip
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto((out / "report.html").as_uri())
+        images = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth])")
+        assert len(images) == 3 and all(done and width > 100 for done, width in images), images
+        assert page.locator("h1").inner_text() == "rlhfkit evaluation report"
+        assert page.get_by_text("Headline").count() == 1
+        assert page.evaluate("window.pwned === undefined")
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        browser.close()
+    assert errors == []
+
+
+def test_samples_table_shows_model_output_as_text() -> None:
+    from rlhfkit.evaluation.report import _samples_table
+
+    row = {"prompt": "<b>hi</b>", "base_completion": "<script>alert(1)</script>", "base_r": 0.1,
+           "tuned_completion": "fine & <i>dandy</i>", "tuned_r": 0.9}  # fmt: skip
+    table = _samples_table([row], "tuned", "r", "gains")
+    assert "<script" not in table and "<b>" not in table and "<i>" not in table
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in table and "fine &amp; &lt;i&gt;dandy" in table
