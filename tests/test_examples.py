@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhfkit.cli import DemoConfig, GenerateConfig, LabelJudgeConfig
+from rlhfkit.cli import DemoConfig, EvalConfig, GenerateConfig, LabelJudgeConfig
 from rlhfkit.config import load_yaml_config, resolve_config
 from rlhfkit.ppo.trainer import PPOConfig
 from rlhfkit.reward import RewardTrainConfig
@@ -18,6 +18,7 @@ CONFIGS = {
     "reward_train.yaml": RewardTrainConfig,
     "ppo.yaml": PPOConfig,
     "demo_quick.yaml": DemoConfig,
+    "eval.yaml": EvalConfig,
 }
 
 
