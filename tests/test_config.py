@@ -27,7 +27,7 @@ class ToyConfig:
     rate: float = option(0.5, "Learning rate.")
     verbose: bool = option(False, "Print more.")
     shuffle: bool = option(True, "Shuffle the data.")
-    tags: list[str] = option(["base"], "Tags; repeat the flag for several.")  # noqa: RUF009
+    tags: list[str] = option(["base"], "Tags; repeat the flag for several.")
     note: str | None = option(None, "Optional note.")
     max_len: int = option(10, "Longest input.")
 

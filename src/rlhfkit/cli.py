@@ -175,6 +175,15 @@ config_command(
 )
 
 
+def _register_labeling() -> None:
+    from rlhfkit.labeling.commands import register
+
+    register(label_app)
+
+
+_register_labeling()
+
+
 # ----------------------------------------------------------------------------------------------
 # rlhf reward train | eval | score
 

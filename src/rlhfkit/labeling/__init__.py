@@ -1,5 +1,7 @@
 """The labeling stage: turn candidate completions into preference pairs.
 
-Today that is the simulated labeler (a judge plus Bradley-Terry noise, ``simulated``); a web app for
-human labelers comes later and writes the same preference records.
+Two labelers write the same preference records: people, through the web page served by
+``rlhf label serve`` (``store`` holds pairs and labels in SQLite, ``server`` is the FastAPI app,
+``stats`` the agreement and position-bias numbers, ``commands`` the CLI), and the simulated labeler
+(a judge plus Bradley-Terry noise, ``simulated``).
 """

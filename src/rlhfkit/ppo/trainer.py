@@ -132,9 +132,11 @@ class PPOConfig:
     keep_checkpoints: int = option(2, "Checkpoints kept on disk (oldest removed).")
     seed: int = option(0, "Seed of prompt order, sampling and initialisation.")
     monitor_judge: str = option(
-        "", "Independent judge (not the reward) scored on --monitor-prompts every --monitor-every steps; empty = off."
+        "", "Independent judge (not the reward) that scores the held-out monitor prompts; empty = off."
     )
-    monitor_prompts: str = option("", "Held-out prompts for the monitor (its first --monitor-num-prompts, fixed).")
+    monitor_prompts: str = option(
+        "", "Held-out prompts for the monitor; a fixed batch from the start of the file is used."
+    )
     monitor_num_prompts: int = option(32, "Prompts in the monitor's fixed batch.")
     monitor_every: int = option(10, "Run the monitor every N steps (and at the first and last step).")
     stop_on_hacking: bool = option(
