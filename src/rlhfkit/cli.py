@@ -544,6 +544,19 @@ def _write_demo_summary(out: Path, metrics: dict, examples: list[dict]) -> None:
 config_command(app, "demo", DemoConfig, run_demo, "The whole RLHF loop offline on the default model, one command.")
 
 
+# ----------------------------------------------------------------------------------------------
+# rlhf serve | export
+
+
+def _register_serving() -> None:
+    from rlhfkit.serving.commands import register
+
+    register(app)
+
+
+_register_serving()
+
+
 def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*Triggered internally.*")

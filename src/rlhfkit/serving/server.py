@@ -1,0 +1,802 @@
+"""One base model, many LoRA adapters, one OpenAI-compatible HTTP server.
+
+Why it is built this way:
+
+- One model object. The base is loaded once; every adapter is loaded onto it as a named peft
+  adapter (``load_adapter``), so N tuned variants cost the base plus N small adapters. The base
+  itself is the same object with its adapters disabled (``disable_adapter()``).
+- One worker thread owns that model. HTTP handlers only validate, tokenize and queue a ``Job``;
+  the worker takes the oldest waiting job, adds every other waiting job for the same adapter (up to
+  ``max_batch_size`` sequences), activates that adapter and decodes the whole batch together. An
+  adapter is switched only between batches, by the only thread that runs the model, so one
+  request's adapter can never leak into another's output.
+- A decode loop of its own (KV cache, left padding, positions from the mask) rather than
+  ``generate``: each request keeps its own sampling settings, seed (a ``torch.Generator`` per
+  request, so a seeded request reproduces whatever else shares its batch), ``max_tokens`` and stop
+  strings, finishes on its own, and streams its tokens as they come.
+- Errors leave in OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``: unknown
+  model 404, invalid JSON or fields 400, never a traceback (those go to the server log only).
+
+Limits: one process and one device (CPU by default); a batch runs until its longest member ends
+(no continuous batching); ``logprobs``, penalties, tools and ``echo`` are refused with a 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.generation import encode_prompts, left_pad
+from rlhfkit.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, position_ids_from_mask, resolve_model_path
+
+logger = logging.getLogger("rlhfkit.serve")
+
+MAX_N = 16  # choices per request
+MAX_STOP = 4  # stop strings per request, as OpenAI allows
+GRACEFUL_SHUTDOWN_S = 30
+
+
+class APIError(Exception):
+    """An error a client caused (or a 5xx it should retry), sent as OpenAI's error object."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine: one model, one worker thread, a queue of jobs
+
+
+@dataclass(eq=False)
+class Job:
+    """One HTTP request's generation work; events go back to the handler's event loop."""
+
+    model: str
+    adapter: str | None  # None: the base with adapters disabled
+    prompts: list[list[int]]
+    n: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    seed: int | None
+    stream: bool
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue | None = None
+    cancelled: bool = False
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts) * self.n
+
+    def emit(self, event: tuple) -> None:
+        """Hand an event to the request's event loop (from the worker thread)."""
+        if self.loop is None or self.events is None:
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the client and server are gone
+            self.cancelled = True
+
+
+class _Row:
+    """One sequence being decoded: a (prompt, choice) of a job."""
+
+    def __init__(self, engine: ServeEngine, job: Job, index: int, prompt: list[int]) -> None:
+        self.engine, self.job, self.index, self.prompt = engine, job, index, prompt
+        self.tokens: list[int] = []
+        self.generated = 0
+        self.sent = 0  # characters already streamed
+        self.done = False
+        self.watch_text = job.stream or bool(job.stop)
+
+    def push(self, token: int) -> None:
+        """Take one sampled token; finish on EOS, a stop string or max_tokens."""
+        self.generated += 1
+        if token in self.engine.eos_ids:
+            self.finish("stop")
+            return
+        self.tokens.append(token)
+        text = self.engine.decode(self.tokens) if self.watch_text else ""
+        if self.job.stop:
+            cut = min((i for i in (text.find(s) for s in self.job.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.finish("stop", text[:cut])
+                return
+        if len(self.tokens) >= self.job.max_tokens:
+            self.finish("length", text if self.watch_text else None)
+            return
+        if self.job.stream:
+            safe = len(text) - _held_back(text, self.job.stop)
+            while safe > self.sent and text[safe - 1] == "\ufffd":  # half of a multi-byte character
+                safe -= 1
+            if safe > self.sent:
+                self.job.emit(("delta", self.index, text[self.sent : safe]))
+                self.sent = safe
+
+    def finish(self, reason: str, text: str | None = None) -> None:
+        self.done = True
+        if text is None:
+            text = self.engine.decode(self.tokens)
+        if self.job.stream and len(text) > self.sent:
+            self.job.emit(("delta", self.index, text[self.sent :]))
+            self.sent = len(text)
+        self.job.emit(("done", self.index, text, reason, self.generated))
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Characters at the end of ``text`` that may be the start of a stop string: not streamed yet."""
+    held = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:k]):
+                held = k
+                break
+    return held
+
+
+def context_length(model: torch.nn.Module, tokenizer: Any) -> int:
+    """Longest prompt + completion the model was built for."""
+    limit = getattr(model.config, "max_position_embeddings", None) or 2048
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and 0 < tok_limit < 1_000_000:
+        limit = min(limit, tok_limit)
+    return int(limit)
+
+
+class ServeEngine:
+    """The base model with its adapters, and the worker thread that batches requests onto it."""
+
+    def __init__(
+        self,
+        base: str = DEFAULT_MODEL,
+        adapters: Mapping[str, str | Path] | None = None,
+        *,
+        served_model_name: str = "",
+        max_batch_size: int = 16,
+        max_model_len: int = 0,
+        default_max_tokens: int = 256,
+    ) -> None:
+        from rlhfkit.serving.export import load_adapter_source
+
+        self.base = base
+        self.base_name = served_model_name or base
+        adapters = dict(adapters or {})
+        for name in adapters:
+            if not name or name == self.base_name:
+                raise RlhfkitError(f"adapter name '{name}' is empty or the base model's own name")
+        # Check every adapter before the (slower) model load, so a typo fails at once.
+        sources = {name: load_adapter_source(path, base) for name, path in adapters.items()}
+        self.base_path = resolve_model_path(base)
+        self.tokenizer = load_tokenizer(base)  # used by request handlers (the event loop thread)
+        self._decoder = load_tokenizer(base)  # used by the worker: a fast tokenizer is not shared across threads
+        model = load_causal_lm(base)
+        self.adapter_dirs = {name: source.adapter_dir for name, source in sources.items()}
+        if sources:
+            from peft import PeftModel
+
+            names = list(sources)
+            try:
+                model = PeftModel.from_pretrained(model, sources[names[0]].adapter_dir, adapter_name=names[0])
+                for name in names[1:]:
+                    model.load_adapter(sources[name].adapter_dir, adapter_name=name)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise RlhfkitError(f"adapters do not fit base '{base}': {exc}".splitlines()[0]) from exc
+            model.eval()
+        self.model = model
+        self.context_length = max_model_len or context_length(model, self.tokenizer)
+        self.max_batch_size = max_batch_size
+        self.default_max_tokens = default_max_tokens
+        eos = {self.tokenizer.eos_token_id}
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos |= set(configured) if isinstance(configured, (list, tuple)) else {configured}
+        self.eos_ids = {int(e) for e in eos if e is not None}
+        self.pad_id = self.tokenizer.pad_token_id
+        self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
+        self._pending: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.batches = 0  # counters for /health and the tests
+        self.sequences = 0
+        self.largest_batch = 0
+
+    # -- models ----------------------------------------------------------------------------------
+
+    @property
+    def model_names(self) -> list[str]:
+        return [self.base_name, *self.adapter_dirs]
+
+    def resolve(self, name: str) -> str | None:
+        """The adapter a request's ``model`` names (None: the base); 404 for anything else."""
+        if name == self.base_name:
+            return None
+        if name in self.adapter_dirs:
+            return name
+        known = ", ".join(self.model_names)
+        raise APIError(
+            404, f"The model '{name}' does not exist (served: {known})", param="model", code="model_not_found"
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="rlhfkit-serve-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the batch being decoded, fail what still waits (503), and end the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if not self.alive:
+                raise APIError(503, "The server is shutting down", kind="server_error", code="unavailable")
+            self._pending.append(job)
+            self._cond.notify()
+
+    # -- requests to jobs ------------------------------------------------------------------------
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return encode_prompts(self.tokenizer, [messages])[0]
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
+
+    def decode(self, tokens: list[int]) -> str:
+        return self._decoder.decode(tokens, skip_special_tokens=True)
+
+    def max_tokens_for(self, prompts: list[list[int]], requested: int | None, param: str) -> int:
+        """The request's max_tokens, checked against the context length (400 when it cannot fit)."""
+        longest = max(len(p) for p in prompts)
+        if requested is None:
+            room = self.context_length - longest
+            if room < 1:
+                raise APIError(
+                    400,
+                    f"This model's maximum context length is {self.context_length} tokens; "
+                    f"the prompt has {longest} tokens and leaves no room for a completion",
+                    param=param,
+                    code="context_length_exceeded",
+                )
+            return min(self.default_max_tokens, room)
+        if longest + requested > self.context_length:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.context_length} tokens; you requested "
+                f"{longest + requested} tokens ({longest} in the prompt, {requested} for the completion)",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return requested
+
+    # -- the worker ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    leftover = list(self._pending)
+                    self._pending.clear()
+                    break
+                batch = self._take_batch()
+            if not batch:
+                continue
+            try:
+                self._generate(batch)
+            except Exception:
+                logger.exception("generation failed for a batch of %d request(s)", len(batch))
+                for job in batch:
+                    job.emit(("error", 500, "Internal error while generating; the server log has the details"))
+        for job in leftover:
+            job.emit(("error", 503, "The server is shutting down"))
+
+    def _take_batch(self) -> list[Job]:
+        """The oldest live job plus every waiting job on the same adapter that fits the batch."""
+        while self._pending and self._pending[0].cancelled:
+            self._pending.popleft()
+        if not self._pending:
+            return []
+        key = self._pending[0].adapter
+        batch: list[Job] = []
+        rows = 0
+        kept: deque[Job] = deque()
+        for job in self._pending:
+            if job.cancelled:
+                continue
+            if job.adapter == key and (not batch or rows + job.rows <= self.max_batch_size):
+                batch.append(job)
+                rows += job.rows
+            else:
+                kept.append(job)
+        self._pending = kept
+        return batch
+
+    @contextmanager
+    def _active(self, adapter: str | None) -> Iterator[None]:
+        """The model as ``adapter`` (or as the base): only the worker thread ever enters this."""
+        if not self.adapter_dirs:
+            yield
+        elif adapter is None:
+            with self.model.disable_adapter():
+                yield
+        else:
+            self.model.set_adapter(adapter, inference_mode=True)
+            yield
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+        )
+        return out.logits[:, -1, :].float()
+
+    @torch.inference_mode()
+    def _generate(self, batch: list[Job]) -> None:
+        from transformers import DynamicCache
+
+        rows: list[_Row] = []
+        groups: list[tuple[Job, int, int, torch.Generator]] = []
+        for job in batch:
+            start = len(rows)
+            rows += [
+                _Row(self, job, p * job.n + k, prompt) for p, prompt in enumerate(job.prompts) for k in range(job.n)
+            ]
+            generator = torch.Generator().manual_seed(job.seed if job.seed is not None else secrets.randbits(63))
+            groups.append((job, start, len(rows), generator))
+        ids, mask = left_pad([r.prompt for r in rows], self.pad_id)
+        self.batches += 1
+        self.sequences += len(rows)
+        self.largest_batch = max(self.largest_batch, len(rows))
+        with self._active(batch[0].adapter):
+            cache = DynamicCache()
+            logits = self._forward(ids, mask, position_ids_from_mask(mask), cache)
+            for _ in range(max(job.max_tokens for job in batch)):
+                for job, start, end, _g in groups:
+                    if job.cancelled:
+                        for row in rows[start:end]:
+                            row.done = True
+                next_tokens = torch.full((len(rows),), self.pad_id, dtype=torch.long)
+                for job, start, end, generator in groups:
+                    if not all(r.done for r in rows[start:end]):
+                        next_tokens[start:end] = _sample(logits[start:end], job.temperature, job.top_p, generator)
+                for row, token in zip(rows, next_tokens.tolist(), strict=True):
+                    if not row.done:
+                        row.push(token)
+                if all(r.done for r in rows):
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                logits = self._forward(next_tokens[:, None], mask, mask.sum(-1, keepdim=True) - 1, cache)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """Greedy at temperature 0, else temperature and nucleus (top-p) sampling with the job's generator."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the most likely token always stays
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The OpenAI request bodies
+
+
+class _Body(BaseModel):
+    # strict: "max_tokens": "5" or true is a client bug to report, not to guess at. Unknown fields
+    # (user, metadata, ...) are ignored as OpenAI-compatible servers do.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = None
+
+
+class _Sampling(_Body):
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+    def stop_list(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP:
+            raise APIError(400, f"stop: at most {MAX_STOP} stop strings, got {len(stops)}", param="stop")
+        if any(not s for s in stops):
+            raise APIError(400, "stop: stop strings must not be empty", param="stop")
+        return stops
+
+    def unsupported(self) -> list[str]:
+        """Fields this server cannot honour, set to something other than their neutral value."""
+        return [
+            name
+            for name, neutral in (("presence_penalty", 0), ("frequency_penalty", 0))
+            if getattr(self, name) not in (None, neutral)
+        ] + (["logit_bias"] if self.logit_bias else [])
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+    def text(self, index: int) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        if any(part.type != "text" or part.text is None for part in self.content):
+            raise APIError(400, f"messages.{index}.content: only text parts are supported", param="messages")
+        return "".join(part.text or "" for part in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> list[str]:
+        extra = ["logprobs"] if self.logprobs else []
+        extra += ["top_logprobs"] if self.top_logprobs else []
+        extra += ["tools"] if self.tools else []
+        extra += ["tool_choice"] if self.tool_choice not in (None, "none", "auto") else []
+        if self.response_format and self.response_format.get("type") != "text":
+            extra.append("response_format")
+        return super().unsupported() + extra
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> list[str]:
+        extra = ["echo"] if self.echo else []
+        extra += ["logprobs"] if self.logprobs is not None else []
+        extra += ["best_of"] if self.best_of not in (None, 1, self.n or 1) else []
+        extra += ["suffix"] if self.suffix else []
+        return super().unsupported() + extra
+
+
+# ----------------------------------------------------------------------------------------------
+# The app
+
+
+def _error_response(error: APIError) -> Any:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def create_app(engine: ServeEngine) -> Any:
+    """The FastAPI app: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``, ``/health``.
+
+    The app starts the engine's worker on startup and stops it on shutdown (after uvicorn has let
+    the requests in flight finish).
+    """
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop, GRACEFUL_SHUTDOWN_S)
+
+    app = FastAPI(title="rlhfkit serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    started = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        where = ".".join(loc)
+        if first.get("type") == "json_invalid":
+            message = f"Request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"
+            return _error_response(APIError(400, message, code="invalid_json"))
+        message = f"{where or 'body'}: {first.get('msg', 'invalid value')}"
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        return _error_response(APIError(400, message, param=loc[0] if loc else None, code=first.get("type")))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return _error_response(APIError(exc.status_code, str(exc.detail), code=code))
+
+    @app.exception_handler(Exception)
+    async def _internal(_request: Request, _exc: Exception) -> JSONResponse:
+        # Starlette re-raises after this response is sent, so uvicorn logs the traceback server-side.
+        return _error_response(APIError(500, "Internal server error", kind="server_error", code="internal_error"))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        body = {
+            "status": "ok" if engine.alive else "stopping",
+            "models": engine.model_names,
+            "queued": engine.queued,
+            "batches": engine.batches,
+            "sequences": engine.sequences,
+        }
+        return JSONResponse(body, status_code=200 if engine.alive else 503)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        def card(name: str, root: str, parent: str | None) -> dict[str, Any]:
+            return {
+                "id": name,
+                "object": "model",
+                "created": started,
+                "owned_by": "rlhfkit",
+                "root": root,
+                "parent": parent,
+            }
+
+        data = [card(engine.base_name, engine.base_path, None)]
+        data += [card(name, str(path), engine.base_name) for name, path in engine.adapter_dirs.items()]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str) -> dict[str, Any]:
+        engine.resolve(name)
+        return next(m for m in (await list_models())["data"] if m["id"] == name)
+
+    def make_job(body: _Sampling, prompts: list[list[int]], max_tokens: int | None, param: str) -> Job:
+        adapter = engine.resolve(body.model)
+        unsupported = body.unsupported()
+        if unsupported:
+            raise APIError(400, f"{unsupported[0]}: not supported by this server", param=unsupported[0])
+        if any(not p for p in prompts):
+            raise APIError(400, f"{param}: the prompt is empty", param=param)
+        return Job(
+            model=body.model,
+            adapter=adapter,
+            prompts=prompts,
+            n=body.n or 1,
+            max_tokens=engine.max_tokens_for(prompts, max_tokens, param),
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            stop=body.stop_list(),
+            seed=None if body.seed is None else body.seed % 2**63,
+            stream=bool(body.stream),
+            loop=asyncio.get_running_loop(),
+            events=asyncio.Queue(),
+        )
+
+    async def results(job: Job) -> AsyncIterator[tuple]:
+        """A submitted job's events until every choice is done; a client that leaves cancels the job."""
+        assert job.events is not None
+        remaining = job.rows
+        try:
+            while remaining:
+                event = await job.events.get()
+                if event[0] == "error":
+                    code = "internal_error" if event[1] == 500 else "unavailable"
+                    raise APIError(event[1], event[2], kind="server_error", code=code)
+                remaining -= event[0] == "done"
+                yield event
+        finally:
+            job.cancelled = remaining > 0  # the worker drops a cancelled job's rows at its next step
+
+    async def collect(job: Job) -> tuple[list[str], list[str], int]:
+        engine.submit(job)
+        texts, reasons, tokens = [""] * job.rows, ["stop"] * job.rows, 0
+        async for event in results(job):
+            if event[0] == "done":
+                _, index, text, reason, generated = event
+                texts[index], reasons[index] = text, reason
+                tokens += generated
+        return texts, reasons, tokens
+
+    def stream(
+        job: Job, chunk: Any, prompt_tokens: int, include_usage: bool, first: list[dict] | None = None
+    ) -> StreamingResponse:
+        """Server-sent events: ``chunk(index, text, finish_reason)`` per delta, then ``[DONE]``."""
+
+        async def events() -> AsyncIterator[str]:
+            tokens, finished = 0, False
+            try:
+                for payload in first or []:
+                    yield _sse(payload)
+                async for event in results(job):
+                    if event[0] == "delta":
+                        yield _sse(chunk(event[1], event[2], None))
+                    else:
+                        tokens += event[4]
+                        yield _sse(chunk(event[1], None, event[3]))
+                finished = True
+                if include_usage:
+                    yield _sse({**chunk(0, None, None), "choices": [], "usage": _usage(prompt_tokens, tokens)})
+            except APIError as exc:  # the status line has gone out: the error travels as an event
+                finished = True
+                yield _sse(exc.body())
+            finally:
+                job.cancelled = job.cancelled or not finished  # the client went away mid-stream
+            yield _sse("[DONE]")
+
+        engine.submit(job)  # before the 200 goes out, so a shutting-down server answers 503
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest) -> Any:
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
+            for i, m in enumerate(body.messages)
+        ]
+        engine.resolve(body.model)  # 404 before the (cheaper to skip) templating
+        try:
+            prompt = engine.encode_chat(messages)
+        except Exception as exc:  # a chat template may reject a conversation (e.g. roles out of order)
+            raise APIError(400, f"messages: the chat template rejected them ({exc})", param="messages") from exc
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        job = make_job(body, [prompt], requested, "messages")
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": rid, "created": created, "model": body.model}
+        if job.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            extra = {"usage": None} if include_usage else {}
+
+            def chunk(index: int, text: str | None, reason: str | None, delta: dict | None = None) -> dict[str, Any]:
+                delta = delta if delta is not None else {} if text is None else {"content": text}
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+                return {**base, "object": "chat.completion.chunk", "choices": [choice], **extra}
+
+            # OpenAI opens every choice with its role before any content.
+            first = [chunk(i, None, None, {"role": "assistant", "content": ""}) for i in range(job.rows)]
+            return stream(job, chunk, len(prompt), include_usage, first)
+        texts, reasons, tokens = await collect(job)
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
+            for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
+        ]
+        return {**base, "object": "chat.completion", "choices": choices, "usage": _usage(len(prompt), tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Any:
+        engine.resolve(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            prompts = [engine.encode_text(prompt)]
+        elif not prompt:
+            raise APIError(400, "prompt: must not be an empty list", param="prompt")
+        elif isinstance(prompt[0], str):
+            prompts = [engine.encode_text(p) for p in prompt]  # type: ignore[arg-type]
+        elif isinstance(prompt[0], int):
+            prompts = [list(prompt)]  # type: ignore[arg-type]
+        else:
+            prompts = [list(p) for p in prompt]  # type: ignore[union-attr]
+        if any(t < 0 or t >= engine.vocab_size for p in prompts for t in p):
+            raise APIError(400, f"prompt: token ids must lie in [0, {engine.vocab_size})", param="prompt")
+        job = make_job(body, prompts, body.max_tokens, "prompt")
+        prompt_tokens = sum(len(p) for p in prompts)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
+        if job.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            extra = {"usage": None} if include_usage else {}
+
+            def chunk(index: int, text: str | None, reason: str | None) -> dict[str, Any]:
+                choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+                return {**base, "choices": [choice], **extra}
+
+            return stream(job, chunk, prompt_tokens, include_usage)
+        texts, reasons, tokens = await collect(job)
+        choices = [
+            {"index": i, "text": t, "logprobs": None, "finish_reason": r}
+            for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
+        ]
+        return {**base, "choices": choices, "usage": _usage(prompt_tokens, tokens)}
+
+    return app
+
+
+# ----------------------------------------------------------------------------------------------
+# Running it
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail before loading a model when the address is taken (uvicorn would only log it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise RlhfkitError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from exc
+
+
+def run_server(engine: ServeEngine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve until SIGINT/SIGTERM; uvicorn then lets requests in flight finish (up to 30 s)."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        create_app(engine), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S
+    )
+    uvicorn.Server(config).run()

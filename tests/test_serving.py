@@ -1,0 +1,392 @@
+"""``rlhf serve`` through the official openai client: each model answers as itself, errors are JSON.
+
+Two random LoRA adapters on tiny-random (one laid out as a `rlhf ppo` run directory, one as a bare
+adapter directory) and the base are served by one uvicorn server in a background thread. Every
+greedy answer is compared with ``generate`` on a separately loaded model that has only that
+adapter, so a leaked or wrong adapter changes the text and fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+import torch
+import typer
+import uvicorn
+from typer.testing import CliRunner
+
+from rlhfkit.config import save_config
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.generation import SamplingParams, encode_prompts, left_pad, sample_batch
+from rlhfkit.models import load_causal_lm, load_tokenizer, lora_config
+from rlhfkit.ppo.trainer import PPOConfig
+from rlhfkit.serving.commands import parse_adapter_specs, register
+from rlhfkit.serving.server import APIError, Job, ServeEngine, _held_back, create_app
+
+BASE = "tiny-random"
+PROMPTS = ["Write one line about the sea.", "Name a colour.", "What is two plus two?", "Say hello."]
+MAX_TOKENS = 12
+
+
+def make_adapter(out: Path, seed: int) -> Path:
+    """A LoRA adapter on the top layer (as `rlhf ppo` makes them) with random, non-zero B weights."""
+    model = load_causal_lm(BASE)
+    from peft import get_peft_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        peft = get_peft_model(model, lora_config(model, 4, 8, first_layer=1))
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.2)
+    peft.save_pretrained(out)
+    return out
+
+
+def make_run_dir(run: Path, seed: int) -> Path:
+    """A `rlhf ppo` run directory: config.yaml, metrics.jsonl, adapter/."""
+    run.mkdir(parents=True)
+    make_adapter(run / "adapter", seed)
+    save_config(
+        PPOConfig(reward="judge:nontoxic", prompts="prompts.jsonl", out=str(run), policy=BASE), run / "config.yaml"
+    )
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 3, "reward_mean": 0.25, "kl": 0.01}) + "\n")
+    return run
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {"alpha": make_run_dir(root / "run-alpha", 1), "beta": make_adapter(root / "beta", 2)}
+
+
+def start_server(engine: ServeEngine) -> tuple[uvicorn.Server, threading.Thread, str]:
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def server(adapters: dict[str, Path]) -> Iterator[SimpleNamespace]:
+    engine = ServeEngine(BASE, adapters, max_batch_size=8, max_model_len=256, default_max_tokens=MAX_TOKENS)
+    uv, thread, url = start_server(engine)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+    yield SimpleNamespace(url=url, engine=engine, client=client)
+    uv.should_exit = True
+    thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def direct(adapters: dict[str, Path]) -> SimpleNamespace:
+    """Greedy generation on independently loaded models: the base, and base+one adapter each."""
+    from peft import PeftModel
+
+    tok = load_tokenizer(BASE)
+    models = {BASE: load_causal_lm(BASE)}
+    models["alpha"] = PeftModel.from_pretrained(load_causal_lm(BASE), adapters["alpha"] / "adapter")
+    models["beta"] = PeftModel.from_pretrained(load_causal_lm(BASE), adapters["beta"])
+
+    def generate(model: str, ids: list[int], max_tokens: int = MAX_TOKENS) -> str:
+        q_ids, q_mask = left_pad([ids], tok.pad_token_id)
+        return sample_batch(models[model], tok, q_ids, q_mask, SamplingParams(max_tokens, 0.0)).texts[0]
+
+    def chat(model: str, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
+        return generate(model, encode_prompts(tok, [prompt])[0], max_tokens)
+
+    def complete(model: str, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
+        return generate(model, tok(prompt)["input_ids"], max_tokens)
+
+    return SimpleNamespace(chat=chat, complete=complete, tok=tok)
+
+
+def chat_text(client: openai.OpenAI, model: str, prompt: str, **kwargs: object) -> str:
+    out = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=MAX_TOKENS, **kwargs
+    )
+    return out.choices[0].message.content
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_models_and_health(server: SimpleNamespace) -> None:
+    models = server.client.models.list()
+    assert [m.id for m in models.data] == [BASE, "alpha", "beta"]
+    assert server.client.models.retrieve("alpha").id == "alpha"
+    with pytest.raises(openai.NotFoundError):
+        server.client.models.retrieve("gamma")
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["models"] == [BASE, "alpha", "beta"]
+
+
+def test_each_model_answers_like_direct_greedy_generation(server: SimpleNamespace, direct: SimpleNamespace) -> None:
+    prompt = PROMPTS[0]
+    expected = {m: direct.chat(m, prompt) for m in (BASE, "alpha", "beta")}
+    assert len(set(expected.values())) == 3, "adapters must change the output, or a leak would go unseen"
+    for model, text in expected.items():
+        out = server.client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=MAX_TOKENS
+        )
+        assert out.choices[0].message.content == text, model
+        assert out.object == "chat.completion" and out.model == model
+        assert out.usage.prompt_tokens == len(encode_prompts(direct.tok, [prompt])[0])
+        assert 1 <= out.usage.completion_tokens <= MAX_TOKENS
+        assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+        done = server.client.completions.create(model=model, prompt=prompt, temperature=0, max_tokens=MAX_TOKENS)
+        assert done.choices[0].text == direct.complete(model, prompt), model
+        assert done.usage.prompt_tokens == len(direct.tok(prompt)["input_ids"])
+
+
+def test_concurrent_requests_for_different_adapters(server: SimpleNamespace, direct: SimpleNamespace) -> None:
+    cases = [(model, prompt) for prompt in PROMPTS for model in (BASE, "alpha", "beta")] * 2
+    expected = {case: direct.chat(*case) for case in set(cases)}
+    largest_before = server.engine.largest_batch
+    server.engine.largest_batch = 0
+    with ThreadPoolExecutor(len(cases)) as pool:
+        answers = list(pool.map(lambda case: chat_text(server.client, *case), cases))
+    for case, answer in zip(cases, answers, strict=True):
+        assert answer == expected[case], case
+    assert server.engine.largest_batch > 1, "requests sharing an adapter were never batched"
+    server.engine.largest_batch = max(largest_before, server.engine.largest_batch)
+
+
+def test_streaming_matches_the_full_answer(server: SimpleNamespace, direct: SimpleNamespace) -> None:
+    prompt = PROMPTS[1]
+    chunks = list(
+        server.client.chat.completions.create(
+            model="alpha",
+            messages=[{"role": "user", "content": prompt}],
+            temperature=0,
+            max_tokens=MAX_TOKENS,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == direct.chat("alpha", prompt)
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals in (["stop"], ["length"])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    pieces = list(server.client.completions.create(model="beta", prompt=prompt, temperature=0, stream=True))
+    assert len(pieces) > 1, "a stream should arrive in several chunks"
+    assert "".join(p.choices[0].text for p in pieces) == direct.complete("beta", prompt)
+    assert pieces[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_stop_strings_and_max_tokens(server: SimpleNamespace, direct: SimpleNamespace) -> None:
+    prompt, model = PROMPTS[2], "beta"
+    full = direct.complete(model, prompt)
+    cut = len(full) // 2
+    stop = full[cut : cut + 3]
+    assert stop.strip(), full
+    expected = full[: full.find(stop)]
+    out = server.client.completions.create(model=model, prompt=prompt, temperature=0, stop=[stop, "@@never@@"])
+    assert out.choices[0].text == expected and out.choices[0].finish_reason == "stop"
+    streamed = list(server.client.completions.create(model=model, prompt=prompt, temperature=0, stop=stop, stream=True))
+    assert "".join(p.choices[0].text for p in streamed) == expected
+    short = server.client.completions.create(model=model, prompt=prompt, temperature=0, max_tokens=3)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    assert short.choices[0].text == direct.complete(model, prompt, 3)
+
+
+def test_held_back_text_waits_for_a_possible_stop_string() -> None:
+    assert _held_back("hello wor", ["world"]) == 3
+    assert _held_back("hello", ["xyz"]) == 0
+    assert _held_back("ab", ["abc", "b"]) == 2
+
+
+def test_seed_makes_sampling_reproducible(server: SimpleNamespace) -> None:
+    def sample(seed: int, n: int = 3) -> list[str]:
+        out = server.client.chat.completions.create(
+            model="alpha", messages=[{"role": "user", "content": PROMPTS[0]}], temperature=1.0, seed=seed, n=n
+        )
+        assert [c.index for c in out.choices] == list(range(n))
+        return [c.message.content for c in out.choices]
+
+    first = sample(7)
+    assert sample(7) == first
+    assert len(set(first)) > 1, "n choices should be different samples"
+    assert any(sample(seed) != first for seed in (8, 9))
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"]), body
+    assert "Traceback" not in response.text
+    return body["error"]
+
+
+def test_errors_come_back_as_openai_errors(server: SimpleNamespace) -> None:
+    client = server.client
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "hi"}])
+    assert missing.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as negative:
+        client.completions.create(model="alpha", prompt="hi", max_tokens=-1)
+    assert negative.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.completions.create(model="alpha", prompt="word " * 400, max_tokens=4)
+    assert too_long.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):  # fits alone, not with the completion
+        client.completions.create(model="alpha", prompt="word " * 200, max_tokens=100)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], temperature=5)
+    with pytest.raises(openai.BadRequestError) as unsupported:
+        client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], logprobs=True)
+    assert unsupported.value.body["param"] == "logprobs"
+
+    url = server.url + "/v1"
+    broken = b'{"model": "alpha", "messages": ['
+    raw = httpx.post(url + "/chat/completions", content=broken, headers={"Content-Type": "application/json"})
+    assert raw.status_code == 400 and error_of(raw)["code"] == "invalid_json"
+    untyped = httpx.post(url + "/chat/completions", content=broken)  # no content type: not a JSON object either
+    assert untyped.status_code == 400
+    error_of(untyped)
+    wrong_type = httpx.post(
+        url + "/chat/completions",
+        json={"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"},
+    )
+    assert wrong_type.status_code == 400 and error_of(wrong_type)["param"] == "max_tokens"
+    for body in (
+        {"model": "alpha"},  # no messages
+        {"model": "alpha", "messages": []},
+        {"model": "alpha", "messages": [{"role": "wizard", "content": "hi"}]},
+        {"model": "alpha", "messages": "hi"},
+        {"model": 3, "messages": [{"role": "user", "content": "hi"}]},
+        {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "n": 0},
+        {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
+        {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"},
+    ):
+        response = httpx.post(url + "/chat/completions", json=body)
+        assert response.status_code == 400, body
+        error_of(response)
+    for body in (
+        {"model": "alpha", "prompt": []},
+        {"model": "alpha", "prompt": ""},
+        {"model": "alpha", "prompt": [-1]},
+    ):
+        response = httpx.post(url + "/completions", json=body)
+        assert response.status_code == 400, body
+        error_of(response)
+    unknown = httpx.post(url + "/completions", json={"model": "nope", "prompt": "hi"})
+    assert unknown.status_code == 404 and error_of(unknown)["param"] == "model"
+    route = httpx.get(server.url + "/v2/nothing")
+    assert route.status_code == 404
+    error_of(route)
+
+
+def test_a_failing_batch_is_a_json_500_and_the_server_goes_on(
+    server: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(server.engine, "_forward", broken)
+    response = httpx.post(server.url + "/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 2})
+    assert response.status_code == 500
+    assert "simulated" not in error_of(response)["message"]
+    monkeypatch.undo()
+    assert server.client.completions.create(model="alpha", prompt="hi", max_tokens=2).choices[0].finish_reason
+
+
+def test_adapter_problems_are_clear_errors(tmp_path: Path, adapters: dict[str, Path]) -> None:
+    full = tmp_path / "full-run"
+    (full / "model").mkdir(parents=True)
+    (full / "model" / "config.json").write_text("{}")
+    with pytest.raises(RlhfkitError, match="full fine-tune"):
+        ServeEngine(BASE, {"x": full})
+    with pytest.raises(RlhfkitError, match="not found"):
+        ServeEngine(BASE, {"x": tmp_path / "missing"})
+    other = tmp_path / "other-base"
+    other.mkdir()
+    config = json.loads((adapters["beta"] / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/another-model"}))
+    (other / "adapter_model.safetensors").write_bytes((adapters["beta"] / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(RlhfkitError, match="trained on base 'org/another-model'"):
+        ServeEngine(BASE, {"x": other})
+    with pytest.raises(RlhfkitError, match="trained on base 'tiny-random'"):
+        ServeEngine(str(tmp_path), {"alpha": adapters["alpha"]})  # checked before any model loads
+    with pytest.raises(RlhfkitError, match="base model's own name"):
+        ServeEngine(BASE, {BASE: adapters["beta"]})
+    assert parse_adapter_specs(["a=run1", "b.v2=/x/y"]) == {"a": "run1", "b.v2": "/x/y"}
+    for bad in (["a"], ["=run"], ["a="], ["a=x", "a=y"], ["a b=x"]):
+        with pytest.raises(ValueError):
+            parse_adapter_specs(bad)
+
+
+def test_serve_command_reports_bad_adapters_in_one_line(tmp_path: Path) -> None:
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    register(app)
+    result = CliRunner().invoke(app, ["serve", "--base", BASE, "--adapter", f"x={tmp_path / 'nope'}", "--port", "0"])
+    assert result.exit_code == 2 and "adapter directory not found" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_graceful_shutdown_finishes_requests_in_flight() -> None:
+    engine = ServeEngine(BASE, max_batch_size=4, default_max_tokens=64)
+    uv, thread, url = start_server(engine)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+    slow = engine._forward
+
+    def slow_forward(*args: object, **kwargs: object) -> torch.Tensor:
+        time.sleep(0.01)
+        return slow(*args, **kwargs)
+
+    engine._forward = slow_forward  # type: ignore[method-assign]
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(
+            lambda: client.completions.create(model=BASE, prompt="hello", max_tokens=40, temperature=0, stop=None)
+        )
+        deadline = time.time() + 30
+        while engine.sequences == 0 and not future.done() and time.time() < deadline:
+            time.sleep(0.005)
+        uv.should_exit = True  # what SIGINT / SIGTERM do
+        result = future.result(timeout=60)
+    assert result.choices[0].text and result.usage.completion_tokens >= 1
+    thread.join(30)
+    assert not thread.is_alive() and not engine.alive
+    with pytest.raises(APIError) as refused:  # a stopped engine takes no more work
+        engine.submit(Job(BASE, None, [[1]], 1, 1, 0.0, 1.0, [], None, False))
+    assert refused.value.status == 503
+
+
+def test_a_client_that_leaves_mid_stream_frees_the_worker() -> None:
+    engine = ServeEngine(BASE, default_max_tokens=200)
+    uv, thread, url = start_server(engine)
+    forward = engine._forward
+
+    def slow_forward(*args: object, **kwargs: object) -> torch.Tensor:
+        time.sleep(0.02)  # 200 tokens: 4 s if the abandoned request kept the worker busy
+        return forward(*args, **kwargs)
+
+    engine._forward = slow_forward  # type: ignore[method-assign]
+    try:
+        body = {"model": BASE, "prompt": "hello", "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+        started = time.perf_counter()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+        client.completions.create(model=BASE, prompt="hi", max_tokens=2)
+        assert time.perf_counter() - started < 2.5
+    finally:
+        uv.should_exit = True
+        thread.join(30)
