@@ -55,3 +55,27 @@ def test_demo_runs_the_whole_loop_on_tiny_random(tmp_path: Path) -> None:
     )
     again = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert again.exit_code == 2 and "earlier demo" in again.output
+
+
+def test_gains_and_losses_rank_by_the_tuned_minus_base_difference() -> None:
+    from rlhfkit.evaluation import gains_and_losses
+
+    rows = [
+        {"prompt": "p1", "base_r": 0.0, "tuned_r": 0.9, "base_toxicity": 0.5, "tuned_toxicity": 0.1},
+        {"prompt": "p2", "base_r": 0.5, "tuned_r": 0.6, "base_toxicity": 0.1, "tuned_toxicity": 0.4},
+        {"prompt": "p3", "base_r": 0.8, "tuned_r": 0.2, "base_toxicity": 0.2, "tuned_toxicity": 0.2},
+    ]
+    gains, losses = gains_and_losses(rows, "tuned", "r", 5)
+    assert [r["prompt"] for r in gains] == ["p1", "p2"] and [r["prompt"] for r in losses] == ["p3"]
+    gains, losses = gains_and_losses(rows, "tuned", "toxicity", 1)  # lower toxicity is the gain
+    assert [r["prompt"] for r in gains] == ["p1"] and [r["prompt"] for r in losses] == ["p2"]
+
+
+def test_primary_metric_prefers_the_reward_model_then_a_judge() -> None:
+    from rlhfkit.evaluation import primary_metric
+
+    ci = {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 1}
+    assert primary_metric({"base": {"toxicity": ci, "nontoxic": ci, "reward": ci, "response_length": ci}}) == "reward"
+    assert primary_metric({"base": {"toxicity": ci, "nontoxic": ci, "response_length": ci, "eos_rate": 1.0}}) == (
+        "nontoxic"
+    )
