@@ -7,7 +7,7 @@ PYTHON ?= python3
 # Keep freed memory in the allocator: without it, timings on these CPUs swing up to 3x.
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184
 
-.PHONY: install demo demo-quick test test-slow lint clean
+.PHONY: install demo demo-quick test test-slow lint bench-trl bench-trl-quick clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ test: install
 
 test-slow: install
 	$(VENV)/bin/pytest -q -m slow $(ARGS)
+
+# rlhfkit vs TRL side by side (each creates its TRL venv under bench/ on first use).
+bench-trl: install
+	$(PY) bench/ppo_vs_trl.py $(ARGS)
+	$(PY) bench/reward_vs_trl.py $(ARGS)
+
+bench-trl-quick: install
+	$(PY) bench/ppo_vs_trl.py --quick $(ARGS)
+	$(PY) bench/reward_vs_trl.py --quick $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench

@@ -318,3 +318,32 @@ def test_resume_from_a_moved_run_directory(tmp_path: Path, prompts: Path) -> Non
     run_ppo(PPOConfig(resume=str(tmp_path / "after"), max_steps=3))
     assert [r["step"] for r in read_metrics(tmp_path / "after")] == [1, 2, 3]
     assert not (tmp_path / "before").exists()
+
+
+def test_optimised_rollout_matches_plain_forward_passes(tmp_path: Path, prompts: Path) -> None:
+    """Cached lower layers, response-only logits and the adapters-off reference give what a plain
+    full forward of separate policy and reference models gives: speed never costs correctness."""
+    from rlhfkit.models import position_ids_from_mask
+
+    trainer = PPOTrainer(small_config(prompts, tmp_path / "run", trainable_layers=1, max_new_tokens=8))
+    assert trainer.split == 1  # the lower layer is cached
+    rollout, _ = trainer.rollout(trainer.stream.take(8))
+    trainer.ppo_step(rollout)  # LoRA B starts at zero: one update makes policy and reference differ
+    r, _ = trainer.rollout(trainer.stream.take(8))
+    core, qlen, rmask = trainer.core, r.query_len, r.response_mask.bool()
+    positions = position_ids_from_mask(r.mask)
+    reference = load_causal_lm("tiny-random")
+
+    def plain_logprobs(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(input_ids=r.ids, attention_mask=r.mask, position_ids=positions).logits
+        logp = torch.log_softmax(logits[:, qlen - 1 : -1] / trainer.cfg.temperature, -1)
+        return logp.gather(-1, r.ids[:, qlen:, None]).squeeze(-1)
+
+    policy_plain, ref_plain = plain_logprobs(core.trunk), plain_logprobs(reference)
+    assert torch.allclose(r.logprobs[rmask], policy_plain[rmask], atol=1e-4)
+    assert torch.allclose(r.ref_logprobs[rmask], ref_plain[rmask], atol=1e-4)
+    assert not torch.allclose(policy_plain[rmask], ref_plain[rmask], atol=1e-3)
+    with torch.no_grad():
+        _, values, _ = core(r.ids, r.mask, None, qlen, trainer.cfg.temperature)  # no cached layers
+    assert torch.allclose(r.values[rmask], values[rmask], atol=1e-4)
