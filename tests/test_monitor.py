@@ -96,11 +96,20 @@ def test_kl_runaway_and_negative_kl() -> None:
 
 def test_diversity_collapse_prefers_the_monitor_and_falls_back_to_rollouts() -> None:
     rows = curve([0.0] * 6, distinct_2=[0.9, 0.8, 0.7, 0.3, 0.2, 0.1])
-    alert = diversity_collapse(rows, window=3, bound=0.4)
+    alert = diversity_collapse(rows, window=3, bound=0.4, ratio=0.0)
     assert alert is not None and "rollouts" in alert.message
-    assert diversity_collapse(rows[:3], window=3, bound=0.4) is None
+    assert diversity_collapse(rows[:2], window=3, bound=0.4, ratio=0.0) is None  # too early
+    rows[0]["monitor_distinct_2"] = 0.9
     rows[-1]["monitor_distinct_2"] = 0.8  # the held-out batch is still diverse: trust it
-    assert diversity_collapse(rows, window=3, bound=0.4) is None
+    assert diversity_collapse(rows, window=3, bound=0.4, ratio=0.5) is None
+
+
+def test_diversity_collapse_relative_to_the_start() -> None:
+    rows = curve([0.0] * 4, monitor={1: 0.9, 4: 0.9})
+    rows[0]["monitor_distinct_2"], rows[3]["monitor_distinct_2"] = 0.91, 0.43  # the full demo's monitor
+    alert = diversity_collapse(rows, window=3, bound=0.4, ratio=0.5)
+    assert alert is not None and "0.91 -> 0.43" in alert.message
+    assert diversity_collapse(rows, window=3, bound=0.4, ratio=0.4) is None  # above both bounds
 
 
 def test_detect_is_quiet_on_a_healthy_run() -> None:

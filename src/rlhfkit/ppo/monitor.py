@@ -11,7 +11,8 @@ and re-run on any finished run. They return an :class:`Alert` or ``None``:
 - ``kl_runaway``: mean KL over the last ``window`` steps passed ``bound``, or fell below ``-1``
   (negative KL means the sampled tokens and the scored distribution disagree: a sampling bug);
 - ``diversity_collapse``: distinct-2 of the monitor's completions (or of the rollouts when no
-  monitor runs) fell below ``bound`` (the same answer for every prompt).
+  monitor runs) fell below ``bound``, or below ``ratio`` times its value at the start (the same
+  answer for every prompt).
 """
 
 from __future__ import annotations
@@ -110,20 +111,22 @@ def kl_runaway(rows: Sequence[dict[str, Any]], window: int, bound: float) -> Ale
     return None
 
 
-def diversity_collapse(rows: Sequence[dict[str, Any]], window: int, bound: float) -> Alert | None:
+def diversity_collapse(rows: Sequence[dict[str, Any]], window: int, bound: float, ratio: float) -> Alert | None:
     monitored = [r["monitor_distinct_2"] for r in rows if "monitor_distinct_2" in r]
     if monitored:
-        value, source = monitored[-1], "the monitor's completions"
+        first, value, source = monitored[0], monitored[-1], "the monitor's completions"
     else:
-        recent = [r["distinct_2"] for r in rows if "distinct_2" in r][-window:]
-        if len(recent) < window:
+        rollouts = [r["distinct_2"] for r in rows if "distinct_2" in r]
+        if len(rollouts) < window:
             return None
-        value, source = _mean(recent), f"rollouts (last {window} steps)"
-    if value < bound:
+        first, value = _mean(rollouts[:window]), _mean(rollouts[-window:])
+        source = f"rollouts (last {window} steps)"
+    if value < bound or value < ratio * first:
         return Alert(
             "diversity_collapse",
             rows[-1]["step"],
-            f"distinct-2 of {source} is {value:.2f} < {bound:g}: answers are turning into one",
+            f"distinct-2 of {source} fell {first:.2f} -> {value:.2f} (bound {bound:g}, or {ratio:g}x the start): "
+            "answers are turning into one",
         )
     return None
 
@@ -135,12 +138,13 @@ def detect(
     length_ratio: float,
     kl_bound: float,
     min_distinct_2: float,
+    distinct_2_ratio: float = 0.5,
 ) -> list[Alert]:
     """Every detector on the log so far."""
     found = [
         reward_up_monitor_down(rows, window, monitor_drop),
         length_runaway(rows, window, length_ratio),
         kl_runaway(rows, window, kl_bound),
-        diversity_collapse(rows, window, min_distinct_2),
+        diversity_collapse(rows, window, min_distinct_2, distinct_2_ratio),
     ]
     return [a for a in found if a is not None]

@@ -149,6 +149,7 @@ class PPOConfig:
     min_distinct_2: float = option(
         0.4, "Alert when distinct-2 of the monitor's completions (or the rollouts') falls below this."
     )
+    distinct_2_ratio: float = option(0.5, "Alert when that distinct-2 falls below this fraction of its start value.")
 
     def __post_init__(self) -> None:
         checks = {
@@ -609,7 +610,15 @@ class PPOTrainer:
 
     def _alerts(self, rows: list[dict[str, Any]]) -> list[Alert]:
         cfg = self.cfg
-        return detect(rows, cfg.hacking_window, cfg.monitor_drop, cfg.length_ratio, cfg.kl_alert, cfg.min_distinct_2)
+        return detect(
+            rows,
+            cfg.hacking_window,
+            cfg.monitor_drop,
+            cfg.length_ratio,
+            cfg.kl_alert,
+            cfg.min_distinct_2,
+            cfg.distinct_2_ratio,
+        )
 
     # -- checkpoints ----------------------------------------------------------------------------
 
