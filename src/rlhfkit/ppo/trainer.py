@@ -714,7 +714,10 @@ class PPOTrainer:
                 if self.monitor_judge is not None and (
                     self.step == 1 or self.step % cfg.monitor_every == 0 or self.step == cfg.max_steps
                 ):
+                    t2 = time.perf_counter()
                     row.update(self.run_monitor())
+                    row["time_monitor"] = time.perf_counter() - t2
+                    row["seconds"] += row["time_monitor"]
                     if best is None or row["monitor_score"] > best["monitor_score"]:
                         self._save_best(row["monitor_score"])
                         best = self._best()
