@@ -224,11 +224,38 @@ def response_logprobs(
     temperature: float,
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probabilities of the response tokens ``ids[:, query_len:]`` (LM head on those positions only)."""
-    logits = model.get_output_embeddings()(hidden[:, query_len - 1 : -1]) / temperature
+    """Log-probabilities of the response tokens ``ids[:, query_len:]`` (LM head on those positions only).
+
+    The (rows x response x vocabulary) logits are the largest tensors of a PPO step. Without
+    gradients (rollout, reference, evaluation) the rows go through the head a few at a time, so only
+    a slice of them ever exists; with gradients the mini-batch is already small.
+    """
+    head = model.get_output_embeddings()
+    states, targets = hidden[:, query_len - 1 : -1], ids[:, query_len:, None]
+    if torch.is_grad_enabled():
+        return _head_logprobs(head, states, targets, temperature, with_entropy)
+    parts = [
+        _head_logprobs(head, states[i : i + LOGIT_ROWS], targets[i : i + LOGIT_ROWS], temperature, with_entropy)
+        for i in range(0, states.shape[0], LOGIT_ROWS)
+    ]
+    chosen = torch.cat([c for c, _ in parts])
+    entropy = torch.cat([e for _, e in parts]) if with_entropy else None  # type: ignore[misc]
+    return chosen, entropy
+
+
+LOGIT_ROWS = 4
+"""Rows per LM-head slice without gradients: 4 x 32 tokens x 49k vocabulary is 25 MB a tensor."""
+
+
+def _head_logprobs(
+    head: nn.Module, states: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logits = head(states)
+    logits.div_(temperature)  # in place: a linear layer's backward never reads its output
     logp = torch.log_softmax(logits, dim=-1)
-    chosen = logp.gather(-1, ids[:, query_len:, None]).squeeze(-1)
-    entropy = entropy_from_logits(logits.detach()) if with_entropy else None
+    del logits
+    chosen = logp.gather(-1, targets).squeeze(-1)
+    entropy = entropy_from_logits(logp.detach()) if with_entropy else None
     return chosen, entropy
 
 
