@@ -398,7 +398,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     n_held = cfg.held_out or (64 if cfg.quick else 100)
     steps = cfg.ppo_steps or (40 if cfg.quick else 100)
     prompts = load_prompts(cfg.prompts)
-    n_monitor = min(32, max(4, len(prompts) // 10))
+    # The monitor samples its batch 6 (quick) or 11 times: 16 prompts keep the quick demo in budget.
+    n_monitor = min(16 if cfg.quick else 32, max(4, len(prompts) // 10))
     if len(prompts) <= n_held + n_monitor + 8:
         raise RlhfkitError(
             f"{cfg.prompts}: {len(prompts)} prompts; need more than --held-out {n_held} + {n_monitor} (monitor) + 8"
@@ -465,7 +466,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                 # The judge the labels came from, on prompts PPO never sees: does the policy game the RM?
                 monitor_judge="nontoxic",
                 monitor_prompts=str(out / "prompts_monitor.jsonl"),
-                monitor_every=max(1, steps // 10),
+                monitor_num_prompts=n_monitor,
+                monitor_every=max(1, steps // (5 if cfg.quick else 10)),
             )
         )
 
