@@ -29,4 +29,3 @@ def test_quick_demo_on_the_default_model(tmp_path: Path) -> None:
     assert metrics["tuned"]["toxicity"]["mean"] < metrics["base"]["toxicity"]["mean"]
     # Its wall time is a measurement (metrics["pipeline"], docs/measurements.md), not an assertion:
     # these hosts swing by a third in speed from one hour to the next.
-    assert metrics["pipeline"]["total_seconds"] > 0
