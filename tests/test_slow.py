@@ -24,7 +24,7 @@ def test_quick_demo_on_the_default_model(tmp_path: Path) -> None:
     assert reward["eval_accuracy"] > 0.5
     ppo = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert len(ppo) == 40 and all(math.isfinite(r["kl"]) for r in ppo)
-    assert sum("monitor_score" in r for r in ppo) >= 10  # the reward-hacking monitor ran throughout
+    assert sum("monitor_score" in r for r in ppo) >= 5  # the reward-hacking monitor ran throughout
     assert (out / "eval" / "report.html").stat().st_size > 50_000  # three embedded plots
     assert metrics["tuned"]["toxicity"]["mean"] < metrics["base"]["toxicity"]["mean"]
     # Its wall time is a measurement (metrics["pipeline"], docs/measurements.md), not an assertion:
