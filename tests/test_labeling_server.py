@@ -11,7 +11,6 @@ import os
 import random
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,8 +23,8 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
+from uvicorn_thread import ServerThread, free_port
 
 from rlhfkit.data import CandidateRecord
 from rlhfkit.labeling.server import create_app
@@ -211,35 +210,6 @@ def test_admin_stats_match_the_store(project: tuple[LabelStore, TestClient, dict
 
 # ----------------------------------------------------------------------------------------------
 # Concurrency: 8 labelers at once against a real server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerThread:
-    """uvicorn serving an app from a background thread (real sockets, real thread pool)."""
-
-    def __init__(self, app: Any) -> None:
-        self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 def test_eight_concurrent_labelers_lose_and_double_nothing(tmp_path: Path) -> None:
