@@ -78,3 +78,36 @@ def test_generate_completions_shape_order_and_seed(tiny) -> None:
     assert first.completions == again.completions
     assert first.completions != other.completions
     assert 0 < first.tokens <= 3 * 3 * 5
+
+
+def test_sampling_ignores_the_models_own_generation_defaults(tiny) -> None:
+    """A hub model's generation_config (repetition penalty, top-k, min-p) must not reshape the rollout
+    distribution: the scores generate samples from equal softmax(forward logits / temperature)."""
+    model, tok = tiny
+    saved = model.generation_config
+    model.generation_config = saved.__class__(repetition_penalty=1.8, top_k=5, min_p=0.2, no_repeat_ngram_size=2)
+    captured = {}
+    original = model.generate
+
+    def spy(**kwargs):
+        config = kwargs["generation_config"]
+        config.output_scores, config.return_dict_in_generate = True, True
+        out = original(**kwargs)
+        captured["scores"] = out.scores
+        return out.sequences
+
+    model.generate = spy
+    try:
+        ids, mask = left_pad([tok("the cat sat on")["input_ids"]], tok.pad_token_id)
+        torch.manual_seed(0)
+        responses = sample_responses(model, ids, mask, SamplingParams(6, 0.7), tok.eos_token_id, tok.pad_token_id)
+    finally:
+        model.generate = original
+        model.generation_config = saved
+    full = torch.cat([ids, responses], 1)
+    with torch.no_grad():
+        logits = model(full).logits[0, ids.shape[1] - 1 : -1] / 0.7
+    for t, step_scores in enumerate(captured["scores"]):
+        torch.testing.assert_close(
+            torch.log_softmax(step_scores[0], -1), torch.log_softmax(logits[t], -1), atol=1e-4, rtol=1e-4
+        )

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -66,22 +67,62 @@ def sample_responses(
     pad_id: int,
 ) -> torch.Tensor:
     """Response ids (B, T): everything after the first EOS is ``pad_id``; the EOS itself is kept."""
+    config = sampling_config(params, eos_id, pad_id)
+    with _without_model_defaults(model):
+        out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
+    return truncate_after_eos(out[:, query_ids.shape[1] :], eos_id, pad_id)
+
+
+def sampling_config(params: SamplingParams, eos_id: int, pad_id: int):
+    """A ``GenerationConfig`` that draws from exactly softmax(logits / temperature) (top-p if asked).
+
+    transformers fills every field left unset (None) from the model's own ``generation_config``
+    (a hub model's repetition_penalty, min_p, top_k, ...): PPO would then score responses sampled
+    from another distribution. Every field that reshapes the distribution is therefore set here,
+    and ``_without_model_defaults`` hides the model's own config during the call.
+    """
     from transformers import GenerationConfig
 
     greedy = params.temperature == 0
-    # A fresh config: a model's own generation_config (repetition penalty, min_p, ...) would sample
-    # from another distribution than the one PPO scores.
-    config = GenerationConfig(
+    return GenerationConfig(
         max_new_tokens=params.max_new_tokens,
+        min_new_tokens=0,
+        min_length=0,
         do_sample=not greedy,
+        num_beams=1,
         temperature=None if greedy else params.temperature,
         top_p=None if greedy else params.top_p,
         top_k=None if greedy else 0,
+        min_p=None,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        length_penalty=1.0,
+        renormalize_logits=False,
+        remove_invalid_values=False,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
     )
-    out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
-    return truncate_after_eos(out[:, query_ids.shape[1] :], eos_id, pad_id)
+
+
+@contextmanager
+def _without_model_defaults(model: nn.Module) -> Iterator[None]:
+    """Swap the model's ``generation_config`` for a blank one, so none of its fields leak in."""
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = getattr(inner, "generation_config", None)
+    if saved is None:
+        yield
+        return
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
 
 
 def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
