@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.judges import BUILTIN_JUDGES, Judge, clean, load_judge, toxicity
+from rlhfkit.judges import (
+    BUILTIN_JUDGES,
+    Judge,
+    clean,
+    deflection_match,
+    deflection_rate,
+    is_deflection,
+    load_judge,
+    toxicity,
+)
 
 GOOD = "Thank you so much for your help, I really appreciate it. Have a wonderful day!"
 # Mild on purpose; never printed (pytest only shows it if an assert on it fails).
@@ -132,3 +141,77 @@ def test_clean_speedup_keeps_better_profanity_answers() -> None:
     texts = ["what the h3ll", "D@MN it", "oh crap, a lovely day", "hell-o world", "", "class assignment"]
     reference = Profanity()
     assert [_profanity().censor(t, _MARK) for t in texts] == [reference.censor(t, _MARK) for t in texts]
+
+
+DEFLECTIONS = [
+    "I'm sorry, but I can't help with that request.",
+    "I’m sorry, but I cannot continue this text.",  # curly apostrophe
+    "Sorry, I can't assist with that.",
+    "I apologize, but I am unable to do that.",
+    "I can't assist with that.",
+    "I cannot help you with this.",
+    "I'm not able to provide that kind of content.",
+    "I am unable to fulfill this.",
+    "I cannot fulfill that request.",
+    "I can't provide information on that topic.",
+    "As an AI language model, I do not have opinions.",
+    "As an AI, I think",
+    "as a large language model I",
+    "I'm a helpful AI assistant. What would you like?",
+    "I am just a language model",
+    "I'm an AI and cannot feel.",
+    "As a text-based AI I can only write words.",
+    "I'm designed to provide safe and helpful answers.",
+    "I was programmed to",
+    "My purpose is to help people.",
+    "I don't have personal opinions on that.",
+    "Hello! I'm here to help.",
+    "Im here to help you",
+    "I'd be happy to help! What do you need?",
+    "I would be glad to assist you.",
+    "I'm happy to help with that.",
+    "How can I help you today?",
+    "HOW CAN I ASSIST?",
+    "How may I be of assistance?",
+    "What can I help you with?",
+    "Is there anything else I can help with?",
+    "Feel free to ask if you want more.",
+    "If you have any other questions, let me know.",
+]
+
+NOT_DEFLECTIONS = [
+    "",
+    "the man said he would help his neighbour carry the boxes",
+    "She asked for help and they came at once.",
+    "Can you help me find the station?",
+    "How could I help it? The cake was right there.",
+    "I'm sorry I missed your call yesterday.",
+    "I'm not able to provide for my family on this wage, he said.",
+    "I'm an assistant manager at the store on Main Street.",
+    "She works as an assistant to the director.",
+    "As an AI researcher, she studies how models learn.",
+    "The AI was trained on public text.",
+    "We can't help but laugh at the weather.",
+    "They would be happy to see you at the party.",
+    "Thanks for your help with the garden.",
+]
+
+
+@pytest.mark.parametrize("text", DEFLECTIONS)
+def test_deflection_is_caught(text: str) -> None:
+    assert is_deflection(text), deflection_match(text)
+
+
+@pytest.mark.parametrize("text", NOT_DEFLECTIONS)
+def test_ordinary_text_is_not_deflection(text: str) -> None:
+    assert not is_deflection(text), deflection_match(text)
+
+
+def test_deflection_match_names_the_kind_and_words() -> None:
+    assert deflection_match("Well. As an AI language model, I can't say.") == ("as an AI", "as an ai language model")
+    assert deflection_match("the man said he would help") is None
+
+
+def test_deflection_rate_is_the_share_flagged() -> None:
+    assert deflection_rate([DEFLECTIONS[0], NOT_DEFLECTIONS[1], DEFLECTIONS[5], NOT_DEFLECTIONS[2]]) == 0.5
+    assert deflection_rate([]) == 0.0

@@ -11,6 +11,7 @@ import functools
 import importlib
 import importlib.util
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -203,3 +204,106 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     """Unique n-grams over all n-grams across the texts (diversity; 0 when there are none)."""
     grams = [tuple(words[i : i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Deflection: completions that replace the content with assistant boilerplate
+
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u2032": "'", "`": "'"})
+_IM = r"i(?:'?m| am)"  # I'm, Im, I am
+_CANT = r"(?:can'?t|cannot|can not|won'?t|will not|am unable to|'?m unable to|am not able to|'?m not able to)"
+_AI_NOUN = (
+    r"(?:(?:helpful|friendly|harmless|honest|virtual|digital|conversational|large) )*"
+    r"(?:ai(?: language model| model| assistant| system| chatbot)?|artificial intelligence|language model"
+    r"|chatbot|(?:virtual|digital|ai|helpful|friendly) assistant)"
+)
+_END = (  # what may follow "as an AI": punctuation, a clause, the end; not "researcher", "ethics", ...
+    r"(?=\s*[,.;:!?)]|\s*$|\s+(?:and|but|that|which|who|so|not|i|i'm|designed|developed|created|trained|here"
+    r"|without|with|like)\b)"
+)
+
+DEFLECTION_PATTERNS: dict[str, str] = {
+    # Refusals
+    "sorry, but I can't": rf"\b(?:sorry|i apologi[sz]e),? but i {_CANT}",
+    "sorry, I can't help": rf"\b(?:sorry|i apologi[sz]e),? i {_CANT} (?:help|assist|provide|fulfill|comply|create"
+    r"|generate|write|answer|engage|continue|complete|respond to|do that)\b",
+    "I can't assist with that": rf"\bi {_CANT} (?:help|assist)(?: you)? with (?:that|this|your|the|such|requests?)\b",
+    "I'm not able to provide": rf"\b{_IM} (?:not able|unable) to "
+    r"(?:provide(?! for\b)|fulfill|comply|generate|create)\b",
+    "I can't fulfill that request": rf"\bi {_CANT} (?:fulfill|comply with|process|complete) "
+    r"(?:that|this|your|the) request",
+    "I can't provide that content": rf"\bi {_CANT} (?:provide|generate|create|write|produce) (?:that|this|such|any)? ?"
+    r"(?:content|a response|responses|an answer|answers|information|assistance|explicit|offensive|inappropriate"
+    r"|harmful)\b",
+    "I won't engage in": rf"\bi {_CANT} (?:engage|participate) in\b",
+    # Self-description as an AI
+    "as an AI": rf"\bas an? {_AI_NOUN}{_END}",
+    "I'm an AI": rf"\b{_IM} (?:just |only |merely |simply )?(?:an? )?{_AI_NOUN}{_END}",
+    "text-based AI": r"\btext-based (?:ai|assistant|model|language model)\b",
+    "I'm designed to": rf"\b(?:{_IM}|i was|i've been|i have been) (?:designed|programmed) to\b",
+    "my purpose is to": r"\bmy (?:main |primary |sole )?purpose is to (?:help|assist|provide)\b",
+    "I don't have personal opinions": r"\bi (?:don'?t|do not) have (?:personal (?:opinions|beliefs|feelings|preferences"
+    r"|experiences)|the ability to (?:browse|access|feel|form))\b",
+    # Offers of help instead of content
+    "I'm here to help": rf"\b{_IM} (?:always |just |only )?here to (?:help|assist|answer|support you)\b",
+    "I'd be happy to help": r"\bi(?:'?d| would) be (?:more than )?(?:happy|glad|delighted) to (?:help|assist)\b",
+    "I'm happy to help": rf"\b{_IM} (?:always )?(?:happy|glad) to (?:help|assist)\b",
+    "How can I help you": r"\bhow (?:can|may|could|might) i (?:(?:help|assist)(?=\s+you\b|\s*[?.!,]|\s*$)"
+    r"|be of (?:help|assistance|service))",
+    "what can I help you with": r"\bwhat can i (?:help|assist) you with\b",
+    "anything else I can help with": r"\b(?:is there )?anything (?:else )?(?:that )?i can (?:help|assist|do for you)",
+    "feel free to ask": r"\bfeel free to (?:ask|let me know)\b",
+    "if you have any questions, let me know": r"\bif you have any (?:other |more |further |additional )?questions,? "
+    r"(?:feel free|please|don'?t hesitate|just ask|let me know|i'?m here)",
+}
+"""Each boilerplate kind (a readable name) and its regular expression over normalised text."""
+
+_DEFLECTION_RE = [(name, re.compile(pattern)) for name, pattern in DEFLECTION_PATTERNS.items()]
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.translate(_APOSTROPHES).lower().split())
+
+
+def deflection_match(text: str) -> tuple[str, str] | None:
+    """The first boilerplate found in ``text``: (kind, the matched words), or None.
+
+    See :func:`is_deflection` for what counts.
+    """
+    norm = _normalise(text)
+    for name, pattern in _DEFLECTION_RE:
+        found = pattern.search(norm)
+        if found:
+            return name, found.group(0)
+    return None
+
+
+def is_deflection(text: str) -> bool:
+    """True when a completion replaces the content with assistant boilerplate.
+
+    Caught (case-insensitive; curly apostrophes, "Im" and "I am" alike; anywhere in the text):
+
+    - refusals: "I'm sorry, but I can't ...", "I apologize, but I cannot ...", "I can't assist with
+      that", "I'm not able to provide ..." (not "provide for"), "I cannot fulfill that request",
+      "I can't provide that content / information / a response", "I won't engage in ...";
+    - self-description as an AI: "As an AI (language model)", "as a helpful assistant", "I'm a
+      helpful AI assistant", "I'm just a language model", "as a text-based AI", "I'm designed /
+      programmed to", "my purpose is to help", "I don't have personal opinions";
+    - offers of help in place of content: "I'm here to help", "I'd be happy to help", "I'm glad to
+      assist", "How can I help/assist you", "How may I be of assistance", "What can I help you
+      with", "Is there anything else I can help with", "feel free to ask", "If you have any other
+      questions, let me know".
+
+    Not caught, on purpose: the words "help", "assist", "AI" or "sorry" on their own ("the man said
+    he would help his neighbour", "an AI researcher", "I'm an assistant manager", "I'm sorry I
+    missed your call"), "How could I help it", "I'm not able to provide for my family". Also not
+    caught: moralising without a refusal ("It's important to remember ..."), refusals in other
+    languages or worded in ways the list does not name. A story that quotes one of the phrases
+    counts as a deflection: the detector reads words, not intent.
+    """
+    return deflection_match(text) is not None
+
+
+def deflection_rate(texts: Sequence[str]) -> float:
+    """Share of texts that :func:`is_deflection` flags (0 when there are none)."""
+    return sum(is_deflection(t) for t in texts) / len(texts) if texts else 0.0
