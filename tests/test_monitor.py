@@ -13,6 +13,7 @@ from rlhfkit.ppo.monitor import (
     detect,
     diversity_collapse,
     kl_runaway,
+    kl_without_reward,
     length_runaway,
     monitor_points,
     reward_up_monitor_down,
@@ -92,6 +93,19 @@ def test_kl_runaway_and_negative_kl() -> None:
     negative = [-0.5 * i for i in range(10)]
     alert = kl_runaway(curve([0.0] * 10, kl=negative), window=3, bound=20.0)
     assert alert is not None and alert.kind == "negative_kl"
+
+
+def test_kl_rising_while_the_penalised_score_is_flat_alerts() -> None:
+    n = 10
+    noise = [0.05 * (-1) ** i for i in range(n)]  # a flat score with batch noise
+    drifting = curve([0.0] * n, kl=[0.4 * i for i in range(n)], score_penalized_mean=noise)
+    alert = kl_without_reward(drifting, window=5)
+    assert alert is not None and alert.kind == "kl_without_reward" and "0.80 -> 2.80" in alert.message
+    earning = curve([0.0] * n, kl=[0.4 * i for i in range(n)], score_penalized_mean=[0.1 * i for i in range(n)])
+    assert kl_without_reward(earning, window=5) is None  # the drift buys reward: the trade PPO makes
+    steady = curve([0.0] * n, kl=[2.0 + 0.05 * i for i in range(n)], score_penalized_mean=noise)
+    assert kl_without_reward(steady, window=5) is None  # KL held: not a drift
+    assert kl_without_reward(drifting[:9], window=5) is None  # needs two full windows
 
 
 def test_diversity_collapse_prefers_the_monitor_and_falls_back_to_rollouts() -> None:

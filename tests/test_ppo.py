@@ -18,7 +18,7 @@ from rlhfkit.data import write_jsonl
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import SamplingParams, left_pad
 from rlhfkit.models import load_causal_lm, load_tokenizer
-from rlhfkit.ppo.trainer import PolicyWithValue, PPOConfig, PPOTrainer, response_logprobs, run_ppo
+from rlhfkit.ppo.trainer import PolicyAndValue, PPOConfig, PPOTrainer, response_logprobs, run_ppo
 from rlhfkit.reward import new_head, right_pad
 
 TOKEN_REWARD = f"{Path(__file__).parent / 'assets' / 'token_reward.py'}:favoured_share"
@@ -58,7 +58,7 @@ def small_config(prompts: Path, out: Path, **overrides: object) -> PPOConfig:
 
 def test_padded_and_unpadded_sequences_get_the_same_logprobs() -> None:
     model, tok = load_causal_lm("tiny-random"), load_tokenizer("tiny-random")
-    policy = PolicyWithValue(model, new_head(model.config.hidden_size, 0), split=0)
+    policy = PolicyAndValue(model, new_head(model.config.hidden_size, 0), split=0)
     queries = [tok("a fairly long prompt with many words in it")["input_ids"], tok("short")["input_ids"]]
     responses = [tok(" one two three four")["input_ids"], tok(" five")["input_ids"]]
     q_ids, q_mask = left_pad(queries, tok.pad_token_id)
@@ -119,7 +119,13 @@ def test_ppo_raises_a_token_reward_with_bounded_kl(tmp_path: Path, prompts: Path
         "seconds",
     ):
         assert key in rows[-1]
-    for name in ("config.yaml", "README.md", "value_head.safetensors", "adapter/adapter_model.safetensors"):
+    for name in (
+        "config.yaml",
+        "README.md",
+        "value_head.safetensors",
+        "value/value/adapter_model.safetensors",
+        "adapter/adapter_model.safetensors",
+    ):
         assert (tmp_path / "run" / name).exists(), name
 
 
@@ -347,3 +353,115 @@ def test_optimised_rollout_matches_plain_forward_passes(tmp_path: Path, prompts:
     with torch.no_grad():
         _, values, _ = core(r.ids, r.mask, None, qlen, trainer.cfg.temperature)  # no cached layers
     assert torch.allclose(r.values[rmask], values[rmask], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The critic, the controllers and the no-signal guard (issue 11's review of the trainer)
+
+
+def _policy_state(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.core.trunk.named_parameters() if ".default." in k}
+
+
+def test_value_loss_alone_never_moves_the_policy(tmp_path: Path, prompts: Path, monkeypatch) -> None:
+    """The value function has its own adapter: with the policy loss switched off, a step changes the
+    critic and leaves every policy weight (and so the KL) exactly where it was."""
+    import rlhfkit.ppo.trainer as trainer_module
+
+    real = trainer_module.policy_loss
+
+    def no_policy_loss(*args, **kwargs):
+        loss, clip_frac, approx_kl = real(*args, **kwargs)
+        return loss * 0.0, clip_frac, approx_kl
+
+    monkeypatch.setattr(trainer_module, "policy_loss", no_policy_loss)
+    trainer = PPOTrainer(small_config(prompts, tmp_path / "run", learning_rate=1e-2))
+    policy_before = _policy_state(trainer)
+    value_before = [p.detach().clone() for p in trainer.value_params]
+    for _ in range(3):
+        rollout, _ = trainer.rollout(trainer.stream.take(8))
+        trainer.ppo_step(rollout)
+        trainer.step += 1
+    for key, value in _policy_state(trainer).items():
+        assert torch.equal(value, policy_before[key]), key
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.value_params, value_before, strict=True))
+    rollout, _ = trainer.rollout(trainer.stream.take(8))
+    kl = ((rollout.logprobs - rollout.ref_logprobs) * rollout.response_mask).sum(-1)
+    assert float(kl.abs().max()) < 1e-4
+
+
+def test_critic_without_a_reward_head_starts_at_the_mean_score(tmp_path: Path, prompts: Path) -> None:
+    trainer = PPOTrainer(small_config(prompts, tmp_path / "run", max_steps=1))
+    assert float(trainer.core.value_head.weight.detach().abs().sum()) == 0.0
+    rollout, _ = trainer.rollout(trainer.stream.take(8))
+    assert float(trainer.core.value_head.bias) == pytest.approx(float(rollout.penalized.mean()), abs=1e-6)
+    torch.testing.assert_close(rollout.values, torch.full_like(rollout.values, float(rollout.penalized.mean())))
+
+
+def test_critic_warmup_updates_the_value_only(tmp_path: Path, prompts: Path) -> None:
+    trainer = PPOTrainer(small_config(prompts, tmp_path / "run", critic_warmup_steps=2, max_steps=3, save_every=0))
+    before = _policy_state(trainer)
+    rows = []
+    for _ in range(2):
+        rollout, _ = trainer.rollout(trainer.stream.take(8))
+        rows.append(trainer.ppo_step(rollout))
+        trainer.step += 1
+    assert [r["policy_updated"] for r in rows] == [0, 0]
+    assert all(torch.equal(v, before[k]) for k, v in _policy_state(trainer).items())
+    rollout, _ = trainer.rollout(trainer.stream.take(8))
+    assert trainer.ppo_step(rollout)["policy_updated"] == 1
+    assert any(not torch.equal(v, before[k]) for k, v in _policy_state(trainer).items())
+
+
+def test_target_approx_kl_stops_the_epochs_early(tmp_path: Path, prompts: Path) -> None:
+    full = PPOTrainer(small_config(prompts, tmp_path / "full", learning_rate=1e-2))
+    rollout, _ = full.rollout(full.stream.take(8))
+    assert full.ppo_step(rollout)["updates"] == 2 * 2  # ppo_epochs x (batch / mini-batch)
+    early = PPOTrainer(small_config(prompts, tmp_path / "early", learning_rate=1e-2, target_approx_kl=1e-12))
+    rollout, _ = early.rollout(early.stream.take(8))
+    early.ppo_step(rollout)  # the first mini-batch starts at ratio 1: approx KL 0, nothing stops
+    rollout, _ = early.rollout(early.stream.take(8))
+    row = early.ppo_step(rollout)
+    assert 1 <= row["updates"] < 4
+
+
+def test_scores_without_signal_skip_the_policy_update_and_warn_once(
+    tmp_path: Path, prompts: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """One-token answers never reach EOS: the replace-mode EOS penalty gives all the same -1."""
+    cfg = small_config(prompts, tmp_path / "run", max_new_tokens=1, missing_eos_penalty=-1.0, max_steps=3, save_every=0)
+    trainer = PPOTrainer(cfg)
+    before = _policy_state(trainer)
+    trainer.train()
+    rows = read_metrics(tmp_path / "run")
+    assert all(r["eos_rate"] == 0 and r["score_penalized_std"] == 0 for r in rows)
+    assert [r["policy_updated"] for r in rows] == [0, 0, 0]
+    assert all(torch.equal(v, before[k]) for k, v in _policy_state(trainer).items())
+    err = capsys.readouterr().err
+    assert err.count("carry no signal") == 1
+    assert "--max-new-tokens" in err and "--missing-eos-penalty off" in err
+    # subtract mode keeps the reward's ranking among cut responses: the policy learns
+    run_ppo(small_config(prompts, tmp_path / "sub", max_new_tokens=1, missing_eos_penalty=-1.0,
+                         eos_penalty_mode="subtract", max_steps=2, save_every=0))  # fmt: skip
+    assert [r["policy_updated"] for r in read_metrics(tmp_path / "sub")] == [1, 1]
+
+
+def test_metrics_that_show_failure_are_logged(tmp_path: Path, prompts: Path) -> None:
+    run_ppo(small_config(prompts, tmp_path / "run", max_steps=2, lr_schedule="linear", save_every=0))
+    rows = read_metrics(tmp_path / "run")
+    for key in ("score_penalized_std", "advantage_std_raw", "explained_variance", "learning_rate", "updates"):
+        assert all(key in r for r in rows), key
+    # the rate the optimizer used at each step, not the next one: linear decay from 1e-3 over 2 steps
+    assert [r["learning_rate"] for r in rows] == pytest.approx([1e-3, 5e-4])
+
+
+def test_value_adapter_starts_as_the_reward_adapter(tmp_path: Path, prompts: Path) -> None:
+    rm = _train_reward(tmp_path)
+    trainer = PPOTrainer(small_config(prompts, tmp_path / "run", reward=str(rm), max_steps=1))
+    params = dict(trainer.core.trunk.named_parameters())
+    reward_keys = [k for k in params if ".reward." in k]
+    assert reward_keys
+    for key in reward_keys:
+        assert torch.equal(params[key.replace(".reward.", ".value.")], params[key]), key
+    assert all(params[k.replace(".reward.", ".value.")].requires_grad for k in reward_keys)
+    assert not any(params[k].requires_grad for k in reward_keys)

@@ -9,7 +9,9 @@ import torch
 
 from rlhfkit.ppo.core import (
     KLController,
+    apply_eos_penalty,
     entropy_from_logits,
+    explained_variance,
     gae,
     kl_per_token,
     masked_mean,
@@ -112,13 +114,49 @@ def test_entropy_of_uniform() -> None:
 
 def test_kl_controller_fixed_and_adaptive() -> None:
     fixed = KLController(0.1)
-    fixed.update(5.0, 64)
+    fixed.update(5.0)
     assert fixed.value == 0.1
-    adaptive = KLController(0.1, target=6.0, horizon=10000)
-    adaptive.update(12.0, 100)  # error clipped to +0.2
-    assert adaptive.value == pytest.approx(0.1 * (1 + 0.2 * 100 / 10000))
-    adaptive.update(5.4, 100)  # error -0.1
-    assert adaptive.value == pytest.approx(0.1 * 1.002 * (1 - 0.1 * 100 / 10000))
+    adaptive = KLController(0.1, target=6.0, horizon=5)
+    adaptive.update(24.0)  # error 3, clipped to +1
+    assert adaptive.value == pytest.approx(0.1 * math.exp(1 / 5))
+    adaptive.update(5.4)  # error -0.1
+    assert adaptive.value == pytest.approx(0.1 * math.exp(0.2) * math.exp(-0.1 / 5))
+    adaptive.update(float("nan"))  # a NaN KL leaves it alone (the trainer stops on it)
+    assert adaptive.value == pytest.approx(0.1 * math.exp(0.2 - 0.02))
     restored = KLController(1.0)
     restored.load_state_dict(adaptive.state_dict())
     assert restored == adaptive
+
+
+def test_kl_controller_reaches_its_target_within_tens_of_steps() -> None:
+    """A toy policy whose KL relaxes towards 6 nats minus what the penalty buys back: with target 2
+    the coefficient must pull KL into [1, 4] within 30 steps (the rollout horizon did nothing)."""
+    controller, kl = KLController(0.05, target=2.0, horizon=5), 0.0
+    history = []
+    for _ in range(40):
+        equilibrium = 6.0 / (1.0 + 20.0 * controller.value)  # more penalty, less drift
+        kl += 0.3 * (equilibrium - kl)  # the policy follows with a lag
+        controller.update(kl)
+        history.append(kl)
+    assert 1.0 <= sum(history[-5:]) / 5 <= 4.0
+    assert max(history[30:]) <= 4.0
+
+
+def test_explained_variance_by_hand() -> None:
+    returns = torch.tensor([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    # residuals 1-2, 2-2, 3-2 -> var 1; returns 1, 2, 3 -> var 1: no better than a constant
+    assert explained_variance(torch.full_like(returns, 2.0), returns, mask) == pytest.approx(0.0)
+    values = torch.tensor([[1.5, 2.0, 0.0], [2.5, 0.0, 0.0]])  # residuals -0.5, 0, 0.5 -> var 0.25
+    assert explained_variance(values, returns, mask) == pytest.approx(0.75)
+
+
+def test_eos_penalty_replace_and_subtract() -> None:
+    scores, ended = torch.tensor([0.5, -0.2, 1.0]), torch.tensor([True, False, False])
+    close(apply_eos_penalty(scores, ended, -1.0, "replace"), [0.5, -1.0, -1.0])
+    close(apply_eos_penalty(scores, ended, -1.0, "subtract"), [0.5, -1.2, 0.0])  # TRL's rule: ranking kept
+    close(apply_eos_penalty(scores, ended, 1.0, "subtract"), [0.5, -1.2, 0.0])  # either sign lowers
+    close(apply_eos_penalty(scores, ended, None), [0.5, -0.2, 1.0])
+    with pytest.raises(ValueError, match="replace or subtract"):
+        apply_eos_penalty(scores, ended, -1.0, "clip")

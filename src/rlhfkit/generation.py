@@ -87,7 +87,6 @@ def sampling_config(params: SamplingParams, eos_id: int, pad_id: int):
     return GenerationConfig(
         max_new_tokens=params.max_new_tokens,
         min_new_tokens=0,
-        min_length=0,
         do_sample=not greedy,
         num_beams=1,
         temperature=None if greedy else params.temperature,

@@ -37,3 +37,8 @@ def favoured_share(prompts: list[str], completions: list[str]) -> list[float]:
 def unfavoured_share(prompts: list[str], completions: list[str]) -> list[float]:
     """The opposite judge: a monitor that falls exactly as the reward above rises (a hacked reward)."""
     return [1.0 - s for s in favoured_share(prompts, completions)]
+
+
+def constant(prompts: list[str], completions: list[str]) -> list[float]:
+    """A reward with no signal: every completion scores the same."""
+    return [0.5 for _ in completions]

@@ -10,6 +10,9 @@ and re-run on any finished run. They return an :class:`Alert` or ``None``:
   [first / ratio, first * ratio] of the first ``window`` steps (rambling to the limit, or empty answers);
 - ``kl_runaway``: mean KL over the last ``window`` steps passed ``bound``, or fell below ``-1``
   (negative KL means the sampled tokens and the scored distribution disagree: a sampling bug);
+- ``kl_without_reward``: over the last ``window`` steps the KL rose by at least ``kl_rise`` nats
+  (and by a quarter) against the ``window`` steps before, while the penalised score (what PPO is
+  paid) did not rise beyond its noise: the policy is drifting from the base for nothing;
 - ``diversity_collapse``: distinct-2 of the monitor's completions (or of the rollouts when no
   monitor runs) fell below ``bound``, or below ``ratio`` times its value at the start (the same
   answer for every prompt).
@@ -17,6 +20,7 @@ and re-run on any finished run. They return an :class:`Alert` or ``None``:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +115,32 @@ def kl_runaway(rows: Sequence[dict[str, Any]], window: int, bound: float) -> Ale
     return None
 
 
+def kl_without_reward(rows: Sequence[dict[str, Any]], window: int, kl_rise: float = 1.0) -> Alert | None:
+    """KL climbing while the score PPO optimises stays flat (within two standard errors)."""
+    points = [(r["kl"], r["score_penalized_mean"]) for r in rows if "kl" in r and "score_penalized_mean" in r]
+    if len(points) < 2 * window:
+        return None
+    before, recent = points[-2 * window : -window], points[-window:]
+    kl_before, kl_recent = _mean([p[0] for p in before]), _mean([p[0] for p in recent])
+    score_before, score_recent = [p[1] for p in before], [p[1] for p in recent]
+    noise = 2.0 * math.sqrt((_var(score_before) + _var(score_recent)) / window)
+    risen = kl_recent - kl_before >= max(kl_rise, 0.25 * abs(kl_before))
+    if risen and _mean(score_recent) - _mean(score_before) <= noise:
+        return Alert(
+            "kl_without_reward",
+            rows[-1]["step"],
+            f"KL rose {kl_before:.2f} -> {kl_recent:.2f} nats over the last {2 * window} steps while the "
+            f"penalised score stayed flat ({_mean(score_before):+.3f} -> {_mean(score_recent):+.3f}): the policy "
+            "drifts from the base without earning reward (raise --kl-coef or set --target-kl)",
+        )
+    return None
+
+
+def _var(values: Sequence[float]) -> float:
+    mean = _mean(values)
+    return sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
+
+
 def diversity_collapse(rows: Sequence[dict[str, Any]], window: int, bound: float, ratio: float) -> Alert | None:
     monitored = [r["monitor_distinct_2"] for r in rows if "monitor_distinct_2" in r]
     if monitored:
@@ -145,6 +175,7 @@ def detect(
         reward_up_monitor_down(rows, window, monitor_drop),
         length_runaway(rows, window, length_ratio),
         kl_runaway(rows, window, kl_bound),
+        kl_without_reward(rows, window),
         diversity_collapse(rows, window, min_distinct_2, distinct_2_ratio),
     ]
     return [a for a in found if a is not None]

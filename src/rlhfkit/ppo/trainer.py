@@ -66,22 +66,26 @@ from rlhfkit.models import (
 )
 from rlhfkit.ppo.core import (
     KLController,
+    apply_eos_penalty,
     entropy_from_logits,
+    explained_variance,
     gae,
     kl_per_token,
     masked_mean,
+    masked_var,
     policy_loss,
     token_rewards,
     value_loss,
     whiten,
 )
 from rlhfkit.ppo.monitor import Alert, detect
-from rlhfkit.reward import RewardModel, RewardModelDir, load_reward_model, new_head, read_reward_dir, score_texts
+from rlhfkit.reward import RewardModel, RewardModelDir, load_reward_model, read_reward_dir, score_texts
 
 console = Console(stderr=True)
 POLICY = "default"
-DEFAULT_MAX_STEPS = 100
+VALUE = "value"
 REWARD = "reward"
+DEFAULT_MAX_STEPS = 100
 
 
 @dataclass
@@ -99,6 +103,10 @@ class PPOConfig:
     batch_size: int = option(16, "Prompts per step (rollout batch).")
     mini_batch_size: int = option(8, "Rollouts per gradient step.")
     ppo_epochs: int = option(4, "Passes over each rollout batch.")
+    target_approx_kl: float | None = option(
+        None, "Stop a step's PPO epochs once a mini-batch's approx KL(old || new) passes this (unset = run them all)."
+    )
+    critic_warmup_steps: int = option(0, "First N steps update the critic only (the policy waits for sane values).")
     max_new_tokens: int = option(48, "Longest response in tokens.")
     max_prompt_tokens: int = option(192, "Longest formatted prompt in tokens (cut from the left).")
     temperature: float = option(0.7, "Sampling temperature, also used for the log-probabilities.")
@@ -108,12 +116,19 @@ class PPOConfig:
     target_kl: float | None = option(
         None, "Adaptive KL controller target (nats per sequence); unset = fixed coefficient."
     )
-    kl_horizon: int = option(10000, "Adaptive KL controller horizon, in rollouts.")
+    kl_horizon: float = option(
+        5.0, "Adaptive KL controller horizon in steps: the coefficient moves by up to a factor e^(1/horizon) a step."
+    )
     kl_estimator: str = option("k1", "Per-token KL estimator in the reward: k1 (log ratio) or k3.")
     max_kl: float = option(100.0, "Stop when the mean sequence KL passes this bound (nats).")
     reward_threshold: float | None = option(None, "Stop when the moving-average reward reaches this.")
     threshold_window: int = option(5, "Steps in the reward moving average.")
-    missing_eos_penalty: float | None = option(-1.0, "Score given to responses without EOS (unset = keep their score).")
+    missing_eos_penalty: float | None = option(
+        -1.0, "EOS penalty for responses cut without EOS (see --eos-penalty-mode; unset = keep their score)."
+    )
+    eos_penalty_mode: str = option(
+        "replace", "replace: a cut response's score becomes the penalty; subtract: it is lowered by |penalty| (TRL)."
+    )
     normalize_reward: bool = option(True, "Normalise reward-model scores with the mean/std saved at training.")
     whiten_rewards: bool = option(False, "Whiten the per-token rewards over the batch before GAE.")
     gamma: float = option(1.0, "Discount factor.")
@@ -165,7 +180,10 @@ class PPOConfig:
             "max_new_tokens must be >= 1": self.max_new_tokens >= 1,
             "max_prompt_tokens must be >= 1": self.max_prompt_tokens >= 1,
             "lora_r must be >= 1 (or use --full)": self.full or self.lora_r >= 1,
-            "kl_horizon must be >= 1": self.kl_horizon >= 1,
+            "kl_horizon must be >= 1 (steps)": self.kl_horizon >= 1,
+            "eos_penalty_mode must be replace or subtract": self.eos_penalty_mode in ("replace", "subtract"),
+            "target_approx_kl must be > 0": self.target_approx_kl is None or self.target_approx_kl > 0,
+            "critic_warmup_steps must be >= 0": self.critic_warmup_steps >= 0,
             "learning_rate must be > 0": self.learning_rate > 0,
             "save_every must be >= 0": self.save_every >= 0,
             "keep_checkpoints must be >= 1": self.keep_checkpoints >= 1,
@@ -184,22 +202,103 @@ class PPOConfig:
 # Models of every role
 
 
-class PolicyWithValue(nn.Module):
-    """Policy trunk + value head: one trunk pass gives response log-probs and values.
+class PolicyAndValue(nn.Module):
+    """The policy, the value function and the reference on one frozen base, with no shared trainable weight.
 
-    ``forward`` continues from the cached lower-layer output when ``split > 0``.
+    LoRA mode: ``trunk`` is one peft model carrying the policy adapter (``default``), the value
+    adapter (``value``) and, when the reward model shares the base, the frozen ``reward`` adapter;
+    the reference is ``trunk`` with every adapter off. The value function is its own adapter plus
+    ``value_head``: value-loss gradients never reach the policy's weights (a value head on the
+    policy's trunk let the critic's loss alone move the policy 5 nats in 3 steps).
+    ``--full`` mode: ``trunk`` is the whole trainable policy; ``value_trunk`` is the frozen reference
+    copy carrying the ``value`` adapter (adapters off: the reference).
+
+    Each role continues from the cached lower-layer output when its adapter starts at or above
+    ``split``; otherwise it runs the whole decoder.
     """
 
-    def __init__(self, trunk: nn.Module, value_head: nn.Linear, split: int) -> None:
+    def __init__(
+        self,
+        trunk: nn.Module,
+        value_head: nn.Linear,
+        split: int,
+        value_trunk: nn.Module | None = None,
+        value_split: int | None = None,
+    ) -> None:
         super().__init__()
         self.trunk = trunk
+        self.value_trunk = trunk if value_trunk is None else value_trunk
         self.value_head = value_head
         self.split = split
+        self.value_split = split if value_split is None else value_split
+        self._trainable = [p for p in self.parameters() if p.requires_grad]
 
-    def hidden(self, ids: torch.Tensor, mask: torch.Tensor, lower: torch.Tensor | None) -> torch.Tensor:
-        if lower is None:
-            return final_hidden(self.trunk, ids, mask)
-        return upper_hidden(self.trunk, lower, mask, self.split)
+    def hidden(
+        self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, lower: torch.Tensor | None, first: int
+    ) -> torch.Tensor:
+        """Final hidden states of ``model`` as it is now; from ``lower`` when the active adapter allows."""
+        if lower is None or first < self.split:
+            return final_hidden(model, ids, mask)
+        return upper_hidden(model, lower, mask, self.split)
+
+    @contextmanager
+    def adapter(self, name: str | None, model: nn.Module | None = None) -> Iterator[None]:
+        """Run with adapter ``name`` active on ``model`` (default the policy trunk); ``None`` = adapters off.
+
+        peft's ``set_adapter`` makes only the active adapter trainable; the policy and the value are
+        both trained, so their flags are restored after every switch.
+        """
+        model = self.trunk if model is None else model
+        if not hasattr(model, "peft_config"):
+            yield
+            return
+        if name is None:
+            with model.disable_adapter():
+                yield
+            return
+        previous = model.active_adapter
+        if name == previous:
+            yield
+            return
+        model.set_adapter(name)
+        self._restore_trainable()
+        try:
+            yield
+        finally:
+            model.set_adapter(previous)
+            self._restore_trainable()
+
+    def _restore_trainable(self) -> None:
+        for param in self.parameters():
+            param.requires_grad_(False)
+        for param in self._trainable:
+            param.requires_grad_(True)
+
+    def policy_logprobs(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        lower: torch.Tensor | None,
+        query_len: int,
+        temperature: float,
+        with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden = self.hidden(self.trunk, ids, mask, lower, self.split)
+        return response_logprobs(self.trunk, hidden, ids, query_len, temperature, with_entropy)
+
+    def reference_logprobs(
+        self, ids: torch.Tensor, mask: torch.Tensor, lower: torch.Tensor | None, query_len: int, temperature: float
+    ) -> torch.Tensor:
+        model = self.value_trunk  # the policy trunk itself in LoRA mode; the frozen copy with --full
+        with self.adapter(None, model):
+            hidden = self.hidden(model, ids, mask, lower, self.split)
+            return response_logprobs(model, hidden, ids, query_len, temperature)[0]
+
+    def values(self, ids: torch.Tensor, mask: torch.Tensor, lower: torch.Tensor | None, query_len: int) -> torch.Tensor:
+        """V(s_t) for every response position: the value adapter's hidden state before each token."""
+        with self.adapter(VALUE, self.value_trunk):
+            hidden = self.hidden(self.value_trunk, ids, mask, lower, self.value_split)
+        return self.value_head(hidden[:, query_len - 1 : -1]).squeeze(-1)
 
     def forward(
         self,
@@ -210,10 +309,15 @@ class PolicyWithValue(nn.Module):
         temperature: float,
         with_entropy: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        hidden = self.hidden(ids, mask, lower)
-        logprobs, entropy = response_logprobs(self.trunk, hidden, ids, query_len, temperature, with_entropy)
-        values = self.value_head(hidden[:, query_len - 1 : -1]).squeeze(-1)
-        return logprobs, values, entropy
+        """Response log-probs, values and (optionally) entropies: what a PPO mini-batch needs."""
+        logprobs, entropy = self.policy_logprobs(ids, mask, lower, query_len, temperature, with_entropy)
+        return logprobs, self.values(ids, mask, lower, query_len), entropy
+
+
+def _is_value_adapter(param_name: str) -> bool:
+    """A LoRA weight of the value adapter (peft names them ``...lora_A.value.weight``)."""
+    parts = param_name.split(".")
+    return VALUE in parts and ("lora_A" in parts or "lora_B" in parts)
 
 
 def response_logprobs(
@@ -309,39 +413,22 @@ class RewardSource:
     @torch.no_grad()
     def score(
         self,
-        policy: nn.Module,
-        split: int,
+        core: PolicyAndValue,
         ids: torch.Tensor,
         mask: torch.Tensor,
         lower: torch.Tensor | None,
         prompts: Sequence[str],
         texts: Sequence[str],
-        tokenizer,
     ) -> torch.Tensor:
         """Raw scores; ``ids``/``mask``/``lower`` cover ``query + response + EOS``."""
         if self.judge is not None:
             return torch.tensor(self.judge([prompt_text(p) for p in prompts], list(texts)), dtype=torch.float32)
         if self.model is not None:  # its own backbone and tokenizer: score the texts
             return torch.tensor(score_texts(self.model, self.tokenizer, prompts, texts), dtype=torch.float32)
-        with self._reward_adapter(policy):
-            if lower is not None and self.adapter_split >= split:
-                hidden = upper_hidden(policy, lower, mask, split)
-            else:
-                hidden = final_hidden(policy, ids, mask)
+        with core.adapter(REWARD if self.adapter_dir is not None else None):
+            hidden = core.hidden(core.trunk, ids, mask, lower, self.adapter_split)
         rows = torch.arange(ids.shape[0])
         return self.info.head(hidden[rows, last_token_index(mask)]).squeeze(-1)
-
-    @contextmanager
-    def _reward_adapter(self, policy: nn.Module) -> Iterator[None]:
-        if self.adapter_dir is None:
-            with policy.disable_adapter():
-                yield
-            return
-        policy.set_adapter(REWARD, inference_mode=True)
-        try:
-            yield
-        finally:
-            policy.set_adapter(POLICY)
 
     def normalise(self, scores: torch.Tensor, enabled: bool) -> torch.Tensor:
         if self.info is None or not enabled:
@@ -364,6 +451,7 @@ class Rollout:
     ref_logprobs: torch.Tensor
     values: torch.Tensor
     scores: torch.Tensor  # normalised, before the EOS penalty
+    penalized: torch.Tensor  # after the EOS penalty: what PPO optimises (with the KL penalty)
     ended: torch.Tensor
     entropy: torch.Tensor
     texts: list[str]
@@ -422,34 +510,59 @@ class PPOTrainer:
         ]
         self.stream = PromptStream(len(records), cfg.seed)
 
+        from peft import get_peft_model
+
         base = load_causal_lm(cfg.policy)
         n_layers = num_layers(base)
         self.reward = RewardSource(cfg.reward, cfg.policy, cfg.full)
-        self.ref: nn.Module | None = None
+        trainable = n_layers if cfg.trainable_layers == 0 else min(cfg.trainable_layers, n_layers)
+        adapter_config = lora_config(base, cfg.lora_r, cfg.lora_alpha, first_layer=n_layers - trainable)
         if cfg.full:
-            self.split = 0
+            self.split = value_split = 0
             base.requires_grad_(True)
             trunk = base
-            self.ref = load_causal_lm(cfg.policy).requires_grad_(False)
+            # The frozen reference copy carries the value adapter; with adapters off it is the reference.
+            reference = load_causal_lm(cfg.policy).requires_grad_(False)
+            value_trunk = get_peft_model(reference, adapter_config, adapter_name=VALUE)
         else:
-            from peft import get_peft_model
-
-            trainable = n_layers if cfg.trainable_layers == 0 else min(cfg.trainable_layers, n_layers)
-            self.split = n_layers - trainable
+            self.split = value_split = n_layers - trainable
             base.requires_grad_(False)
-            trunk = get_peft_model(base, lora_config(base, cfg.lora_r, cfg.lora_alpha, first_layer=self.split))
+            trunk = value_trunk = get_peft_model(base, adapter_config)  # the policy adapter: POLICY
             if self.reward.adapter_dir is not None:
                 trunk.load_adapter(self.reward.adapter_dir, adapter_name=REWARD, is_trainable=False)
-                trunk.set_adapter(POLICY)
-        value_head = self.reward.value_head_init(cfg.normalize_reward) or new_head(base.config.hidden_size, cfg.seed)
+                # The critic starts as the reward model: its adapter and (rescaled) head.
+                trunk.load_adapter(self.reward.adapter_dir, adapter_name=VALUE, is_trainable=True)
+                value_split = self.reward.adapter_split
+            else:
+                trunk.add_adapter(VALUE, adapter_config)
+            trunk.set_adapter(POLICY)
+            trunk.set_requires_grad([POLICY, VALUE], True)
+        value_head = self.reward.value_head_init(cfg.normalize_reward)
+        # Without a reward head to start from, the critic predicts the first batch's mean score
+        # (weights 0, bias set at the first rollout) instead of random noise.
+        self.value_bias_from_scores = value_head is None
+        if value_head is None:
+            value_head = nn.Linear(base.config.hidden_size, 1)
+            nn.init.zeros_(value_head.weight)
+            nn.init.zeros_(value_head.bias)
         value_head.requires_grad_(True)
-        self.model = PolicyWithValue(trunk, value_head, self.split)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, eps=1e-5)
+        self.model = PolicyAndValue(trunk, value_head, self.split, value_trunk, value_split)
+        named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        self.value_params = [p for name, p in named if name.startswith("value_head.") or _is_value_adapter(name)]
+        value_ids = {id(p) for p in self.value_params}
+        self.policy_params = [p for _, p in named if id(p) not in value_ids]
+        # No weight decay (as TRL and CleanRL): it would pull LoRA weights to 0 on steps with no gradient.
+        self.optimizer = torch.optim.AdamW(
+            [{"params": self.policy_params}, {"params": self.value_params}],
+            lr=cfg.learning_rate,
+            eps=1e-5,
+            weight_decay=0.0,
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
         self.step = 0
+        self._warned_no_signal = False
         self.history: list[float] = []
         self.monitor_judge: Judge | None = None
         if cfg.monitor_judge:
@@ -466,7 +579,7 @@ class PPOTrainer:
         return 1.0
 
     @property
-    def core(self) -> PolicyWithValue:
+    def core(self) -> PolicyAndValue:
         return self.accelerator.unwrap_model(self.model)
 
     # -- rollout -------------------------------------------------------------------------------
@@ -493,18 +606,17 @@ class PPOTrainer:
         lower = lower_ext[:, :-1] if lower_ext is not None else None
         qlen = query_ids.shape[1]
 
-        logprobs, values, entropy = core(ids, mask, lower, qlen, cfg.temperature, with_entropy=True)
-        if self.ref is None:
-            with core.trunk.disable_adapter():
-                ref_hidden = core.hidden(ids, mask, lower)
-            ref_logprobs, _ = response_logprobs(core.trunk, ref_hidden, ids, qlen, cfg.temperature)
-        else:
-            ref_hidden = final_hidden(self.ref, ids, mask)
-            ref_logprobs, _ = response_logprobs(self.ref, ref_hidden, ids, qlen, cfg.temperature)
+        logprobs, entropy = core.policy_logprobs(ids, mask, lower, qlen, cfg.temperature, with_entropy=True)
+        values = core.values(ids, mask, lower, qlen)
+        ref_logprobs = core.reference_logprobs(ids, mask, lower, qlen, cfg.temperature)
 
         prompts = [self.records[i].prompt for i in prompt_idx]
-        raw = self.reward.score(core.trunk, self.split, ids_ext, mask_ext, lower_ext, prompts, texts, tok)
+        raw = self.reward.score(core, ids_ext, mask_ext, lower_ext, prompts, texts)
         scores = self.reward.normalise(raw.float(), cfg.normalize_reward)
+        penalized = apply_eos_penalty(scores, ended, cfg.missing_eos_penalty, cfg.eos_penalty_mode)
+        if self.value_bias_from_scores and self.step == 0:
+            core.value_head.bias.fill_(float(penalized.mean()))  # weights are 0: every value is the bias
+            values = core.values(ids, mask, lower, qlen)
         t2 = time.perf_counter()
         rollout = Rollout(
             ids=ids,
@@ -516,6 +628,7 @@ class PPOTrainer:
             ref_logprobs=ref_logprobs,
             values=values,
             scores=scores,
+            penalized=penalized,
             ended=ended,
             entropy=entropy,
             texts=texts,
@@ -528,30 +641,43 @@ class PPOTrainer:
     def ppo_step(self, r: Rollout) -> dict[str, float]:
         cfg = self.cfg
         rmask = r.response_mask
+        n = r.ids.shape[0]
+        # 1. Per-token rewards: -kl_coef * KL on every token, the (EOS-penalised) score on the last.
         kl = kl_per_token(r.logprobs, r.ref_logprobs, cfg.kl_estimator) * rmask
-        scores = r.scores.clone()
-        if cfg.missing_eos_penalty is not None:
-            scores = torch.where(r.ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
-        rewards = token_rewards(scores, kl, self.kl_ctl.value, rmask)
+        rewards = token_rewards(r.penalized, kl, self.kl_ctl.value, rmask)
         if cfg.whiten_rewards:
             rewards = whiten(rewards, rmask, shift_mean=False)
+        # 2. Advantages (GAE) against the critic's values, whitened over the batch.
         advantages, returns = gae(rewards, r.values, rmask, cfg.gamma, cfg.lam)
+        advantage_std_raw = float(masked_var(advantages, rmask).sqrt())
         advantages = whiten(advantages, rmask)
+        # 3. Does the policy learn this step? Not while the critic warms up, and not from scores that
+        #    are all equal: whitened advantages would then follow the critic's noise.
+        no_signal = n > 1 and float(r.penalized.std()) < 1e-6
+        if no_signal:
+            self._warn_no_signal(r)
+        update_policy = self.step >= cfg.critic_warmup_steps and not no_signal
+        learning_rate = self.scheduler.get_last_lr()[0]
 
+        # 4. PPO epochs over shuffled mini-batches (the model stays in eval mode: dropout off).
         stats: dict[str, list[float]] = {
             k: [] for k in ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl")
         }
-        n = r.ids.shape[0]  # the model stays in eval mode: dropout off, as in the rollout
+        updates, stop_early = 0, False
         generator = torch.Generator().manual_seed(cfg.seed * 100003 + self.step)
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, cfg.mini_batch_size):
                 mb = order[start : start + cfg.mini_batch_size]
                 lower = r.lower[mb] if r.lower is not None else None
-                logprobs, values, _ = self.model(r.ids[mb], r.mask[mb], lower, r.query_len, cfg.temperature)
-                pg_loss, clip_frac, approx_kl = policy_loss(
-                    logprobs, r.logprobs[mb], advantages[mb], rmask[mb], cfg.clip_range
-                )
+                if update_policy:
+                    logprobs, values, _ = self.model(r.ids[mb], r.mask[mb], lower, r.query_len, cfg.temperature)
+                    pg_loss, clip_frac, approx_kl = policy_loss(
+                        logprobs, r.logprobs[mb], advantages[mb], rmask[mb], cfg.clip_range
+                    )
+                else:  # value updates only
+                    values = self.core.values(r.ids[mb], r.mask[mb], lower, r.query_len)
+                    pg_loss = clip_frac = approx_kl = torch.zeros(())
                 vf_loss, vf_clip = value_loss(values, r.values[mb], returns[mb], rmask[mb], cfg.clip_range_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 if not torch.isfinite(loss):
@@ -561,9 +687,13 @@ class PPOTrainer:
                         "lower --learning-rate or raise --kl-coef, then --resume from the last checkpoint"
                     )
                 self.accelerator.backward(loss)
-                self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                # Clipped apart: a large critic gradient must not shrink the policy's step.
+                if update_policy:
+                    self.accelerator.clip_grad_norm_(self.policy_params, cfg.max_grad_norm)
+                self.accelerator.clip_grad_norm_(self.value_params, cfg.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad()
+                updates += 1
                 for key, value in (
                     ("policy_loss", pg_loss),
                     ("value_loss", vf_loss),
@@ -572,6 +702,12 @@ class PPOTrainer:
                     ("approx_kl", approx_kl),
                 ):
                     stats[key].append(float(value.detach()))
+                # 5. Early stop inside the step once the policy moved far from the one that sampled.
+                if update_policy and cfg.target_approx_kl is not None and float(approx_kl) > cfg.target_approx_kl:
+                    stop_early = True
+                    break
+            if stop_early:
+                break
         self.scheduler.step()
 
         seq_kl = kl.sum(-1)
@@ -579,21 +715,49 @@ class PPOTrainer:
         metrics = {
             "reward_mean": float(r.scores.mean()),
             "reward_std": float(r.scores.std()) if n > 1 else 0.0,
-            "score_penalized_mean": float(scores.mean()),
+            "score_penalized_mean": float(r.penalized.mean()),
+            "score_penalized_std": float(r.penalized.std()) if n > 1 else 0.0,
             "kl": float(seq_kl.mean()),
             "kl_coef": self.kl_ctl.value,
-            "rlhf_reward": float((scores - self.kl_ctl.value * seq_kl).mean()),
+            "rlhf_reward": float((r.penalized - self.kl_ctl.value * seq_kl).mean()),
             "entropy": float(masked_mean(r.entropy, rmask)),
             **{k: sum(v) / len(v) for k, v in stats.items()},
+            "updates": updates,
+            "policy_updated": int(update_policy),
             "response_length": float(lengths.mean()),
             "eos_rate": float(r.ended.float().mean()),
             "distinct_2": distinct_n(r.texts, 2),
-            "advantage_std": float(masked_mean(advantages**2, rmask).sqrt()),
+            "advantage_std_raw": advantage_std_raw,
             "value_mean": float(masked_mean(r.values, rmask)),
-            "learning_rate": self.scheduler.get_last_lr()[0],
+            "explained_variance": explained_variance(r.values, returns, rmask),
+            "learning_rate": learning_rate,
         }
-        self.kl_ctl.update(metrics["kl"], n)
+        self.kl_ctl.update(metrics["kl"])
         return metrics
+
+    def _warn_no_signal(self, r: Rollout) -> None:
+        """Say once, clearly, why a step taught nothing and what to change."""
+        if self._warned_no_signal:
+            return
+        self._warned_no_signal = True
+        cfg = self.cfg
+        value = float(r.penalized[0])
+        if cfg.missing_eos_penalty is not None and not bool(r.ended.any()):
+            cause = (
+                f"no response ended with EOS within --max-new-tokens {cfg.max_new_tokens}, so the EOS penalty "
+                f"({cfg.eos_penalty_mode}) gave every one the score {value:g}"
+            )
+            fix = (
+                "raise --max-new-tokens, or pass --missing-eos-penalty off, or --eos-penalty-mode subtract "
+                "(keeps the reward's ranking)"
+            )
+        else:
+            cause = f"the reward gave every response of the batch the same score ({value:g})"
+            fix = "check the reward (a judge or function that returns a constant?)"
+        console.print(
+            f"[yellow]warning: step {self.step + 1}: the scores carry no signal: {cause}. "
+            f"The policy update is skipped on such steps (the critic still learns). Fix: {fix}.[/yellow]"
+        )
 
     # -- reward-hacking monitor ------------------------------------------------------------------
 
@@ -705,6 +869,7 @@ class PPOTrainer:
             {k: v.contiguous() for k, v in core.value_head.state_dict().items()},
             self.out / "value_head.safetensors",
         )
+        core.value_trunk.save_pretrained(self.out / "value", selected_adapters=[VALUE])
         if self.cfg.full:
             core.trunk.save_pretrained(self.out / "model")
             self.tokenizer.save_pretrained(self.out / "model")
@@ -847,7 +1012,8 @@ def write_model_card(out: Path, cfg: PPOConfig, summary: dict, steps: int) -> No
     lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
     lines += [
         "",
-        "Files: `adapter/` (peft) or `model/`, `value_head.safetensors`, `metrics.jsonl`, `checkpoints/`.",
+        "Files: `adapter/` (peft) or `model/`, the critic (`value/` adapter and `value_head.safetensors`), "
+        "`metrics.jsonl`, `checkpoints/`.",
         "",
     ]
     (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
