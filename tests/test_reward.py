@@ -160,3 +160,181 @@ def test_judge_agreement_uses_judge_scores_not_labels() -> None:
     chosen, rejected = torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([0.0, 1.0, 0.0, 0.0])
     assert judge_agreement(records, chosen, rejected) == 1.0
     assert judge_agreement(records[3:], chosen[3:], rejected[3:]) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Pooling, early stopping, old directories
+
+
+def test_pool_hidden_by_hand() -> None:
+    from rlhfkit.reward import pool_hidden, reward_scores
+
+    hidden = torch.arange(2 * 5 * 2, dtype=torch.float32).reshape(2, 5, 2)
+    # row 0 right-padded (prompt 0-1, completion 2-3 with EOS at 3); row 1 left-padded with a
+    # masked hole inside the completion (prompt 1, completion 2-4, position 3 masked out).
+    mask = torch.tensor([[1, 1, 1, 1, 0], [0, 1, 1, 0, 1]])
+    start = torch.tensor([2, 2])
+    last = torch.stack([hidden[0, 3], hidden[1, 4]])
+    mean = torch.stack([(hidden[0, 2] + hidden[0, 3]) / 2, (hidden[1, 2] + hidden[1, 4]) / 2])
+    assert torch.equal(pool_hidden(hidden, mask, start, "last"), last)
+    assert torch.allclose(pool_hidden(hidden, mask, start, "mean"), mean)
+    assert torch.allclose(pool_hidden(hidden, mask, start, "last+mean"), (last + mean) / 2)
+    whole = torch.stack([hidden[0, :4].mean(0), hidden[1, [1, 2, 4]].mean(0)])
+    assert torch.allclose(pool_hidden(hidden, mask, None, "mean"), whole)  # no start: every real token
+    head = torch.nn.Linear(2, 1)
+    expected = (mean @ head.weight.T + head.bias).squeeze(-1)
+    assert torch.allclose(reward_scores(head, hidden, mask, start, "mean"), expected)
+    with pytest.raises(ValueError):
+        pool_hidden(hidden, mask, start, "max")
+
+
+def test_join_with_start_marks_the_completion() -> None:
+    from rlhfkit.reward import join_with_start
+
+    assert join_with_start([1, 2], [3, 4], eos_id=9, max_length=10) == ([1, 2, 3, 4, 9], 2)
+    ids, start = join_with_start(list(range(100, 120)), list(range(20)), eos_id=9, max_length=16)
+    assert ids[start] == 0 and len(ids) == 16
+    assert join_with_start([1, 2], [], eos_id=9, max_length=10) == ([1, 2, 9], 2)  # only the EOS
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last+mean"])
+def test_mean_pooling_ignores_padding_and_matches_the_cached_split(tiny_reward, pooling: str) -> None:
+    trunk_model, tok = tiny_reward
+    model = RewardModel(trunk_model.trunk, trunk_model.head, split=1, pooling=pooling)
+    rows = [tok("a longer prompt here and a completion")["input_ids"], tok("short one")["input_ids"]]
+    starts = torch.tensor([3, 1])
+    ids, mask = right_pad(rows, tok.pad_token_id)
+    ids_l, mask_l = left_pad(rows, tok.pad_token_id)
+    shift = ids_l.shape[1] - torch.tensor([len(r) for r in rows])
+    with torch.no_grad():
+        right = model(ids, mask, starts)
+        left = model(ids_l, mask_l, starts + shift)
+        alone = torch.cat([model(*right_pad([r], tok.pad_token_id), starts[i : i + 1]) for i, r in enumerate(rows)])
+        cached = model.score_from_lower(model.lower(ids, mask), mask, starts)
+    assert torch.allclose(right, alone, atol=1e-5)
+    assert torch.allclose(left, alone, atol=1e-5)
+    assert torch.allclose(cached, alone, atol=1e-5)
+
+
+def test_head_dropout_only_while_training(tiny_reward) -> None:
+    trunk_model, tok = tiny_reward
+    model = RewardModel(trunk_model.trunk, trunk_model.head, split=1, head_dropout=0.5)
+    plain = RewardModel(trunk_model.trunk, trunk_model.head, split=1)
+    ids, mask = right_pad([tok("one two three four")["input_ids"]] * 8, tok.pad_token_id)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(ids, mask), plain.eval()(ids, mask))
+        torch.manual_seed(0)
+        noisy = model.train()(ids, mask)
+    model.eval()
+    assert not torch.allclose(noisy, plain(ids, mask))
+
+
+def noise_preferences(path: Path, n: int = 160, seed: int = 0) -> Path:
+    """Labels that are coin flips: whatever a model learns on them is overfitting."""
+    rng = random.Random(seed)
+    words = GOOD + BAD
+    rows = [
+        {
+            "prompt": f"Describe item {i // 2} in a few words.",
+            "chosen": " ".join(rng.choice(words) for _ in range(6)),
+            "rejected": " ".join(rng.choice(words) for _ in range(6)),
+        }
+        for i in range(n)
+    ]
+    write_jsonl(path, rows)
+    return path
+
+
+def test_early_stopping_keeps_the_best_epochs_weights(tmp_path: Path) -> None:
+    from rlhfkit.data import load_preferences
+    from rlhfkit.reward import evaluate_pairs, split_for_validation
+
+    data = noise_preferences(tmp_path / "noise.jsonl")
+    cfg = RewardTrainConfig(
+        data=str(data),
+        out=str(tmp_path / "rm"),
+        model="tiny-random",
+        trainable_layers=1,
+        epochs=6,
+        learning_rate=1e-2,
+        eval_fraction=0.2,
+        validation_fraction=0.25,
+        pooling="mean",
+    )
+    metrics = train_reward_model(cfg, show_summary=False)
+    rows = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+    val = {r["epoch"]: r["val_loss"] for r in rows if "val_loss" in r}
+    assert sorted(val) == list(range(1, 7))
+    best = min(val, key=val.get)
+    assert metrics["best_epoch"] == best < 6  # memorising coin flips: the validation loss rises
+    assert metrics["validation_loss"] == pytest.approx(val[best])
+    assert metrics["train_pairs"] + metrics["validation_pairs"] + metrics["eval_pairs"] == 160
+
+    # the saved model is the best epoch's, not the last one's
+    records = load_preferences(data)
+    train_idx, _ = split_by_prompt(records, cfg.eval_fraction, cfg.seed)
+    _, val_idx = split_for_validation(records, train_idx, cfg.validation_fraction, cfg.seed)
+    model, tok, _ = load_reward_model(tmp_path / "rm")
+    reloaded = evaluate_pairs(model, tok, [records[i] for i in val_idx])
+    assert reloaded["loss"] == pytest.approx(val[best], abs=1e-4)
+    assert abs(reloaded["loss"] - val[6]) > 1e-3
+
+
+def test_patience_stops_the_run(tmp_path: Path) -> None:
+    data = noise_preferences(tmp_path / "noise.jsonl")
+    cfg = RewardTrainConfig(
+        data=str(data),
+        out=str(tmp_path / "rm"),
+        model="tiny-random",
+        trainable_layers=1,
+        epochs=8,
+        learning_rate=1e-2,
+        validation_fraction=0.25,
+        patience=1,
+    )
+    metrics = train_reward_model(cfg, show_summary=False)
+    assert metrics["epochs"] == metrics["best_epoch"] + 1 < 8
+
+
+def test_mean_pooled_directory_scores_through_reward_scores(tmp_path: Path) -> None:
+    """What PPO's shared-backbone path calls (``RewardModelDir.scores`` on the final hidden states
+    with the completion start) gives the scores of ``rlhf reward score``; old directories read ``last``."""
+    import yaml
+
+    from rlhfkit.generation import encode_prompts
+    from rlhfkit.models import final_hidden
+    from rlhfkit.reward import read_reward_dir
+
+    data = synthetic_preferences(tmp_path / "prefs.jsonl", n=60)
+    cfg = RewardTrainConfig(
+        data=str(data), out=str(tmp_path / "rm"), model="tiny-random", trainable_layers=1, epochs=1, pooling="mean"
+    )
+    train_reward_model(cfg, show_summary=False)
+    info = read_reward_dir(tmp_path / "rm")
+    assert info.pooling == "mean"
+    model, tok, _ = load_reward_model(tmp_path / "rm")
+    assert model.pooling == "mean"
+    prompts, completions = ["Describe it.", "Describe item 3 in a few words."], ["kind calm", "awful cold dark"]
+    expected = torch.tensor(score_texts(model, tok, prompts, completions))
+
+    # PPO's layout: queries left-padded to one width, responses right-padded, then EOS
+    queries = encode_prompts(tok, prompts)
+    responses = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in completions]
+    q_ids, q_mask = left_pad(queries, tok.pad_token_id)
+    r_ids, r_mask = right_pad(responses, tok.pad_token_id)
+    ids, mask = torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1)
+    with torch.no_grad():
+        hidden = final_hidden(model.trunk, ids, mask)
+        got = info.scores(hidden, mask, torch.full((2,), q_ids.shape[1]))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    config = yaml.safe_load((tmp_path / "rm" / "config.yaml").read_text())
+    del config["pooling"]  # a directory written before pooling existed
+    (tmp_path / "rm" / "config.yaml").write_text(yaml.safe_dump(config))
+    assert read_reward_dir(tmp_path / "rm").pooling == "last"
+    assert load_reward_model(tmp_path / "rm")[0].pooling == "last"
+
+
+def test_config_rejects_unknown_pooling(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="pooling"):
+        RewardTrainConfig(data="x", out="y", pooling="max")

@@ -2,10 +2,17 @@
 
 Recipe features and limits:
 
-- Score = ``head(h_last)``: the final hidden state at the last real token of
-  ``formatted prompt + completion + EOS`` (the EOS is always appended, so training text and PPO
-  rollouts end the same way). Padding side does not matter: positions come from the mask.
-- Loss: Bradley-Terry ``-log sigmoid(r_chosen - r_rejected - margin)``.
+- Score = ``head(pooled)`` over the final hidden states of ``formatted prompt + completion + EOS``
+  (the EOS is always appended, so training text and PPO rollouts end the same way). ``pooling``
+  says what is pooled (``reward_scores``, the one function every scorer calls): ``last`` the
+  state at the last real token (the EOS), ``mean`` the mean over the completion's tokens and the
+  EOS, ``last+mean`` the average of those two vectors. Padding side does not matter: positions
+  come from the mask. Directories without ``pooling`` in ``config.yaml`` read ``last``.
+- Loss: Bradley-Terry ``-log sigmoid(r_chosen - r_rejected - margin)``; optional dropout on the
+  pooled feature while training (``head_dropout``).
+- Early stopping (``validation_fraction``): some training prompts are set aside, their loss is
+  measured after every epoch and the best epoch's weights are kept (``patience`` stops the run
+  after that many epochs without a better one). The reported held-out split is never used for it.
 - LoRA (peft) on the top ``trainable_layers`` layers by default; the frozen layers below run once
   per sequence and their output is cached for every epoch (``cache_lower``), which is where the
   speed on a CPU comes from. ``full`` fine-tunes every weight instead (no cache).
@@ -53,6 +60,8 @@ from rlhfkit.models import (
 
 console = Console(stderr=True)
 
+POOLINGS = ("last", "mean", "last+mean")
+
 
 @dataclass
 class RewardTrainConfig:
@@ -75,14 +84,34 @@ class RewardTrainConfig:
     trainable_layers: int = option(4, "LoRA on the top N transformer layers only (0 = every layer).")
     cache_lower: bool = option(True, "Run the frozen lower layers once and reuse their output each epoch.")
     max_length: int = option(256, "Longest prompt+completion in tokens; longer ones are cut.")
+    pooling: str = option(
+        "last",
+        "What the head reads: last (final state of the last token, the EOS), mean (mean of the "
+        "completion's final states, EOS included) or last+mean (the average of the two).",
+    )
+    head_dropout: float = option(0.0, "Dropout on the pooled feature before the head, while training.")
+    validation_fraction: float = option(
+        0.0,
+        "Fraction of the training prompts set aside to pick the epoch: the weights with the lowest loss "
+        "on them are kept (early stopping). 0 = train on every training pair and keep the last epoch.",
+    )
+    patience: int = option(0, "With --validation-fraction: stop after N epochs without a better loss (0 = never).")
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.trainable_layers < 0:
             raise ValueError("trainable_layers must be >= 0")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if not 0 <= self.head_dropout < 1:
+            raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+        if self.patience < 0:
+            raise ValueError("patience must be >= 0")
 
 
 def bradley_terry_loss(
@@ -105,13 +134,20 @@ def join_for_reward(
     prompt_ids: Sequence[int], completion_ids: Sequence[int], eos_id: int, max_length: int
 ) -> list[int]:
     """``prompt + completion + EOS``, cut to ``max_length`` (completion first, then prompt from the left)."""
+    return join_with_start(prompt_ids, completion_ids, eos_id, max_length)[0]
+
+
+def join_with_start(
+    prompt_ids: Sequence[int], completion_ids: Sequence[int], eos_id: int, max_length: int
+) -> tuple[list[int], int]:
+    """``join_for_reward`` and the index of the completion's first token (of the EOS if it is empty)."""
     completion = [t for t in completion_ids if t != eos_id]
     room = max_length - 1
     prompt = list(prompt_ids)
     if len(prompt) > room // 2 and len(prompt) + len(completion) > room:
         prompt = prompt[-max(room // 2, room - len(completion)) :]
     completion = completion[: room - len(prompt)]
-    return [*prompt, *completion, eos_id]
+    return [*prompt, *completion, eos_id], len(prompt)
 
 
 def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,32 +160,90 @@ def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
+def pool_hidden(
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_start: torch.Tensor | None = None,
+    pooling: str = "last",
+) -> torch.Tensor:
+    """The (B, d) feature the reward head reads from final hidden states (B, T, d).
+
+    ``completion_start``: per row, the column of the completion's first token (in PPO, the padded
+    query width for every row); the completion runs from there to the last real token (the EOS)
+    and positions with mask 0 inside it are skipped. None = the whole sequence counts as completion.
+    """
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    last = hidden[rows, last_token_index(attention_mask)]
+    if pooling == "last":
+        return last
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r} (expected one of {', '.join(POOLINGS)})")
+    span = attention_mask.to(hidden.dtype)
+    if completion_start is not None:
+        positions = torch.arange(hidden.shape[1], device=hidden.device)
+        start = torch.as_tensor(completion_start, device=hidden.device).reshape(-1, 1)
+        span = span * (positions[None, :] >= start).to(hidden.dtype)
+    mean = (hidden * span[..., None]).sum(1) / span.sum(1, keepdim=True).clamp(min=1.0)
+    return mean if pooling == "mean" else (last + mean) / 2
+
+
+def reward_scores(
+    head: nn.Module,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_start: torch.Tensor | None = None,
+    pooling: str = "last",
+) -> torch.Tensor:
+    """Raw reward scores (B,) from final hidden states: ``head(pool_hidden(...))``.
+
+    Every scorer goes through this function: training, ``rlhf reward score``/``eval`` and PPO's
+    shared-backbone path, so they cannot drift apart.
+    """
+    return head(pool_hidden(hidden, attention_mask, completion_start, pooling)).squeeze(-1)
+
+
 class RewardModel(nn.Module):
-    """A trunk (plain or peft-wrapped causal LM) and a scalar head read at the last real token.
+    """A trunk (plain or peft-wrapped causal LM) and a scalar head over pooled final states.
 
     ``split`` is the index of the first layer that can change during training: the output of the
     layers below it can be computed once (``lower``) and reused (``score_from_lower``).
+    ``head_dropout`` applies to the pooled feature in training mode only.
     """
 
-    def __init__(self, trunk: nn.Module, head: nn.Linear, split: int = 0) -> None:
+    def __init__(
+        self, trunk: nn.Module, head: nn.Linear, split: int = 0, pooling: str = "last", head_dropout: float = 0.0
+    ) -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r} (expected one of {', '.join(POOLINGS)})")
         self.trunk = trunk
         self.head = head
         self.split = split
+        self.pooling = pooling
+        self.dropout = nn.Dropout(head_dropout)
 
-    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        last = last_token_index(attention_mask)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self.head(pooled).squeeze(-1)
+    def _pool(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, completion_start: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.training and self.dropout.p > 0:
+            head = nn.Sequential(self.dropout, self.head)
+            return reward_scores(head, hidden, attention_mask, completion_start, self.pooling)
+        return reward_scores(self.head, hidden, attention_mask, completion_start, self.pooling)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self._pool(final_hidden(self.trunk, input_ids, attention_mask), attention_mask)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        hidden = final_hidden(self.trunk, input_ids, attention_mask)
+        return self._pool(hidden, attention_mask, completion_start)
 
     def lower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return lower_hidden(self.trunk, input_ids, attention_mask, self.split)
 
-    def score_from_lower(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self._pool(upper_hidden(self.trunk, hidden, attention_mask, self.split), attention_mask)
+    def score_from_lower(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, completion_start: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        upper = upper_hidden(self.trunk, hidden, attention_mask, self.split)
+        return self._pool(upper, attention_mask, completion_start)
 
 
 def new_head(hidden_size: int, seed: int) -> nn.Linear:
@@ -179,6 +273,7 @@ class RewardModelDir:
     kind: str
     metrics: dict
     head: nn.Linear
+    pooling: str = "last"
 
     @property
     def score_mean(self) -> float:
@@ -191,6 +286,12 @@ class RewardModelDir:
     def normalise(self, score: float | torch.Tensor) -> float | torch.Tensor:
         """Scores in units of the training completions' spread, as PPO consumes them."""
         return (score - self.score_mean) / self.score_std
+
+    def scores(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, completion_start: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Raw scores from final hidden states (``reward_scores`` with this model's head and pooling)."""
+        return reward_scores(self.head, hidden, attention_mask, completion_start, self.pooling)
 
 
 def read_reward_dir(path: str | Path) -> RewardModelDir:
@@ -210,7 +311,10 @@ def read_reward_dir(path: str | Path) -> RewardModelDir:
     head = nn.Linear(head_state["weight"].shape[1], 1)
     head.load_state_dict(head_state)
     metrics = json.loads((folder / "metrics.json").read_text())
-    return RewardModelDir(folder, str(cfg.get("model", "")), kind, metrics, head)
+    pooling = str(cfg.get("pooling") or "last")
+    if pooling not in POOLINGS:
+        raise RlhfkitError(f"{folder}/config.yaml: pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+    return RewardModelDir(folder, str(cfg.get("model", "")), kind, metrics, head, pooling)
 
 
 def load_reward_model(path: str | Path) -> tuple[RewardModel, object, dict]:
@@ -227,12 +331,18 @@ def load_reward_model(path: str | Path) -> tuple[RewardModel, object, dict]:
     else:
         trunk = load_causal_lm(info.base)
         tokenizer = load_tokenizer(info.base)
-    model = RewardModel(trunk, info.head).eval()
+    model = RewardModel(trunk, info.head, pooling=info.pooling).eval()
     return model, tokenizer, info.metrics
 
 
-def encode_pairs(tokenizer, records: Sequence[PreferenceRecord], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(chosen ids, rejected ids) per pair, each formatted prompt tokenised once per prompt."""
+Encoded = tuple[list[int], int]
+"""Token ids of ``prompt + completion + EOS`` and the index where the completion starts."""
+
+
+def encode_pairs_with_starts(
+    tokenizer, records: Sequence[PreferenceRecord], max_length: int
+) -> list[tuple[Encoded, Encoded]]:
+    """(chosen, rejected) per pair as (ids, completion start); each prompt is tokenised once."""
     prompt_cache: dict[str, list[int]] = {}
     eos = tokenizer.eos_token_id
     out = []
@@ -243,21 +353,32 @@ def encode_pairs(tokenizer, records: Sequence[PreferenceRecord], max_length: int
         p = prompt_cache[key]
         chosen = tokenizer(rec.chosen, add_special_tokens=False)["input_ids"]
         rejected = tokenizer(rec.rejected, add_special_tokens=False)["input_ids"]
-        out.append((join_for_reward(p, chosen, eos, max_length), join_for_reward(p, rejected, eos, max_length)))
+        out.append((join_with_start(p, chosen, eos, max_length), join_with_start(p, rejected, eos, max_length)))
     return out
+
+
+def encode_pairs(tokenizer, records: Sequence[PreferenceRecord], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(chosen ids, rejected ids) per pair, each formatted prompt tokenised once per prompt."""
+    return [(c[0], r[0]) for c, r in encode_pairs_with_starts(tokenizer, records, max_length)]
 
 
 @torch.no_grad()
 def score_sequences(
-    model: RewardModel, rows: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16
+    model: RewardModel,
+    rows: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 16,
+    starts: Sequence[int] | None = None,
 ) -> list[float]:
-    """Raw scores of token sequences, batched by length."""
+    """Raw scores of token sequences, batched by length; ``starts`` = where each completion begins
+    (needed by the mean poolings; None = the whole sequence)."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     scores = [0.0] * len(rows)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         ids, mask = right_pad([rows[i] for i in idx], pad_id)
-        for i, s in zip(idx, model(ids, mask).tolist(), strict=True):
+        begin = torch.tensor([starts[i] for i in idx]) if starts is not None else None
+        for i, s in zip(idx, model(ids, mask, begin).tolist(), strict=True):
             scores[i] = s
     return scores
 
@@ -273,20 +394,22 @@ def score_texts(
     """Raw reward-model scores for (prompt, completion) pairs."""
     eos = tokenizer.eos_token_id
     prompt_ids = encode_prompts(tokenizer, prompts)
-    rows = [
-        join_for_reward(p, tokenizer(c, add_special_tokens=False)["input_ids"], eos, max_length)
+    joined = [
+        join_with_start(p, tokenizer(c, add_special_tokens=False)["input_ids"], eos, max_length)
         for p, c in zip(prompt_ids, completions, strict=True)
     ]
-    return score_sequences(model, rows, tokenizer.pad_token_id, batch_size)
+    rows, starts = [r for r, _ in joined], [s for _, s in joined]
+    return score_sequences(model, rows, tokenizer.pad_token_id, batch_size, starts)
 
 
 def evaluate_pairs(
     model: RewardModel, tokenizer, records: Sequence[PreferenceRecord], max_length: int = 256
 ) -> dict[str, float]:
     """Accuracy, loss and mean margin of a reward model on preference pairs."""
-    pairs = encode_pairs(tokenizer, records, max_length)
+    pairs = encode_pairs_with_starts(tokenizer, records, max_length)
     flat = [seq for pair in pairs for seq in pair]
-    scores = torch.tensor(score_sequences(model, flat, tokenizer.pad_token_id))
+    rows, starts = [r for r, _ in flat], [s for _, s in flat]
+    scores = torch.tensor(score_sequences(model, rows, tokenizer.pad_token_id, starts=starts))
     return _pair_metrics(scores[0::2], scores[1::2], torch.tensor([r.margin for r in records]))
 
 
@@ -332,25 +455,26 @@ def split_by_prompt(
 
 
 def dedupe_sequences(
-    pairs: Sequence[tuple[list[int], list[int]]],
-) -> tuple[list[list[int]], list[tuple[int, int]]]:
-    """Unique sequences and, per pair, the indices of its chosen and rejected sequence.
-
-    With K completions per prompt every completion appears in K-1 pairs: it is run once.
+    pairs: Sequence[tuple[Encoded, Encoded]],
+) -> tuple[list[list[int]], list[int], list[tuple[int, int]]]:
+    """Unique sequences, their completion starts and, per pair, the indices of its chosen and
+    rejected sequence. With K completions per prompt every completion appears in K-1 pairs: it is run once.
     """
-    index: dict[tuple[int, ...], int] = {}
+    index: dict[tuple[tuple[int, ...], int], int] = {}
     seqs: list[list[int]] = []
+    starts: list[int] = []
     refs = []
     for pair in pairs:
         ref = []
-        for seq in pair:
-            key = tuple(seq)
+        for seq, start in pair:
+            key = (tuple(seq), start)
             if key not in index:
                 index[key] = len(seqs)
-                seqs.append(seq)
+                seqs.append(list(seq))
+                starts.append(start)
             ref.append(index[key])
         refs.append((ref[0], ref[1]))
-    return seqs, refs
+    return seqs, starts, refs
 
 
 def _pad_hidden(hiddens: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,19 +490,27 @@ def _pad_hidden(hiddens: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Te
 class _Scorer:
     """Scores (flattened) sequences by index, from the lower-layer cache when there is one."""
 
-    def __init__(self, model: RewardModel, seqs: list[list[int]], pad_id: int, cache: list[torch.Tensor] | None):
-        self.model, self.seqs, self.pad_id, self.cache = model, seqs, pad_id, cache
+    def __init__(
+        self,
+        model: RewardModel,
+        seqs: list[list[int]],
+        starts: list[int],
+        pad_id: int,
+        cache: list[torch.Tensor] | None,
+    ):
+        self.model, self.seqs, self.starts, self.pad_id, self.cache = model, seqs, starts, pad_id, cache
 
     def __call__(self, idx: Sequence[int]) -> torch.Tensor:
+        begin = torch.tensor([self.starts[i] for i in idx])
         if self.cache is not None:
             hidden, mask = _pad_hidden([self.cache[i] for i in idx])
-            return self.model.score_from_lower(hidden, mask)
+            return self.model.score_from_lower(hidden, mask, begin)
         ids, mask = right_pad([self.seqs[i] for i in idx], self.pad_id)
-        return self.model(ids, mask)
+        return self.model(ids, mask, begin)
 
     @torch.no_grad()
     def all(self, idx: Sequence[int], batch_size: int = 32) -> torch.Tensor:
-        order = sorted(idx, key=lambda i: len(self.seqs[i]))
+        order = sorted(set(idx), key=lambda i: len(self.seqs[i]))  # each unique sequence once
         out = {}
         for s in range(0, len(order), batch_size):
             chunk = order[s : s + batch_size]
@@ -402,6 +534,29 @@ def _cache_lower(model: RewardModel, seqs: list[list[int]], pad_id: int, batch_s
     return cache
 
 
+def split_for_validation(
+    records: Sequence[PreferenceRecord], train_idx: Sequence[int], fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Training indices split by prompt into (fit, validation) for early stopping; fraction 0 = no split."""
+    if fraction <= 0:
+        return list(train_idx), []
+    fit, val = split_by_prompt([records[i] for i in train_idx], fraction, seed + 1)
+    if not fit:
+        return list(train_idx), []
+    return [train_idx[i] for i in fit], [train_idx[i] for i in val]
+
+
+def _trainable_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+@torch.no_grad()
+def _restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    for k, v in model.named_parameters():
+        if k in state:
+            v.copy_(state[k])
+
+
 def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dict:
     """Train, evaluate and save a reward model; returns its metrics."""
     from accelerate import Accelerator
@@ -411,6 +566,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
     train_idx, eval_idx = split_by_prompt(records, cfg.eval_fraction, cfg.seed)
     if not train_idx:
         raise RlhfkitError(f"{cfg.data}: no training pairs left after holding out {cfg.eval_fraction:.0%}")
+    fit_idx, val_idx = split_for_validation(records, train_idx, cfg.validation_fraction, cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -434,10 +590,11 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
         split = n_layers - trainable_layers
         base.requires_grad_(False)
         trunk = get_peft_model(base, lora_config(base, cfg.lora_r, cfg.lora_alpha, first_layer=split))
-    model = RewardModel(trunk, new_head(base.config.hidden_size, cfg.seed), split)
+    head = new_head(base.config.hidden_size, cfg.seed)
+    model = RewardModel(trunk, head, split, pooling=cfg.pooling, head_dropout=cfg.head_dropout)
 
-    pairs = encode_pairs(tokenizer, records, cfg.max_length)
-    seqs, pair_refs = dedupe_sequences(pairs)
+    pairs = encode_pairs_with_starts(tokenizer, records, cfg.max_length)
+    seqs, starts, pair_refs = dedupe_sequences(pairs)
 
     def flat(pair_idx: Sequence[int]) -> list[int]:  # chosen, rejected, chosen, rejected, ...
         return [seq for i in pair_idx for seq in pair_refs[i]]
@@ -449,7 +606,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(fit_idx) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = max(1, round(total_steps * cfg.warmup_fraction))
 
@@ -460,13 +617,15 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     loader = torch.utils.data.DataLoader(
-        train_idx, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed)
+        fit_idx, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed)
     )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    scorer = _Scorer(accelerator.unwrap_model(model), seqs, tokenizer.pad_token_id, cache)
+    scorer = _Scorer(accelerator.unwrap_model(model), seqs, starts, tokenizer.pad_token_id, cache)
 
     log = (out / "metrics.jsonl").open("w", encoding="utf-8")
-    step, train_seconds, eval_metrics = 0, 0.0, {}
+    step, train_seconds, eval_metrics, pairs_seen = 0, 0.0, {}, 0
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # (validation loss, epoch, weights)
+    epochs_run = 0
     with progress_bar("reward train") as progress:
         task = progress.add_task("train", total=total_steps, info="")
         for epoch in range(cfg.epochs):
@@ -474,6 +633,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
             for batch in loader:
                 t0 = time.perf_counter()
                 pair_idx = [int(i) for i in batch]
+                pairs_seen += len(pair_idx)
                 scores = scorer(flat(pair_idx))
                 chosen, rejected = scores[0::2], scores[1::2]
                 loss = bradley_terry_loss(chosen, rejected, margins[pair_idx])
@@ -497,30 +657,40 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
                 log.flush()
                 progress.update(task, advance=1, info=f"loss {row['loss']:.3f} acc {row['accuracy']:.2f}")
             model.eval()
+            epochs_run = epoch + 1
+            row = {"step": step, "epoch": epoch + 1}
+            if val_idx:
+                s = scorer.all(flat(val_idx))
+                val_metrics = _pair_metrics(s[0::2], s[1::2], margins[val_idx])
+                row.update({f"val_{k}": v for k, v in val_metrics.items()})
+                if best is None or val_metrics["loss"] < best[0]:
+                    best = (val_metrics["loss"], epoch + 1, _trainable_copy(accelerator.unwrap_model(model)))
             if eval_idx:
                 s = scorer.all(flat(eval_idx))
                 eval_metrics = _pair_metrics(s[0::2], s[1::2], margins[eval_idx])
-                log.write(
-                    json.dumps(
-                        {
-                            "step": step,
-                            "epoch": epoch + 1,
-                            **{f"eval_{k}": v for k, v in eval_metrics.items()},
-                        }
-                    )
-                    + "\n"
-                )
+                row.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+                agreement = judge_agreement([records[i] for i in eval_idx], s[0::2], s[1::2])
+                if agreement is not None:
+                    row["eval_judge_accuracy"] = agreement
+            if len(row) > 2:
+                log.write(json.dumps(row) + "\n")
                 log.flush()
             _save_trainable(accelerator.unwrap_model(model), out / "checkpoints" / "last", cfg.full)
+            if best is not None and cfg.patience and epoch + 1 - best[1] >= cfg.patience:
+                break
     log.close()
 
     model = accelerator.unwrap_model(model).eval()
+    if best is not None and best[1] != epochs_run:
+        _restore(model, best[2])
+        if eval_idx:
+            s = scorer.all(flat(eval_idx))
+            eval_metrics = _pair_metrics(s[0::2], s[1::2], margins[eval_idx])
     judge_accuracy = None
     if eval_idx:
         s = scorer.all(flat(eval_idx))
         judge_accuracy = judge_agreement([records[i] for i in eval_idx], s[0::2], s[1::2])
     train_scores = scorer.all(flat(train_idx))
-    n_trained = len(train_idx) * cfg.epochs
     metrics = {
         "eval_accuracy": eval_metrics.get("accuracy"),
         "eval_loss": eval_metrics.get("loss"),
@@ -529,12 +699,15 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
         "train_accuracy": pairwise_accuracy(train_scores[0::2], train_scores[1::2]),
         "score_mean": float(train_scores.mean()),
         "score_std": float(train_scores.std()) if len(train_scores) > 1 else 1.0,
-        "train_pairs": len(train_idx),
+        "train_pairs": len(fit_idx),
+        "validation_pairs": len(val_idx),
         "eval_pairs": len(eval_idx),
-        "epochs": cfg.epochs,
+        "epochs": epochs_run,
+        "best_epoch": best[1] if best is not None else epochs_run,
+        "validation_loss": best[0] if best is not None else None,
         "cache_seconds": round(cache_seconds, 2),
         "train_seconds": round(train_seconds, 2),
-        "seconds_per_100_pairs": round(100 * train_seconds / n_trained, 2),
+        "seconds_per_100_pairs": round(100 * train_seconds / max(1, pairs_seen), 2),
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
     _save_reward_model(model, tokenizer, out, cfg)
@@ -572,6 +745,7 @@ def _write_model_card(out: Path, cfg: RewardTrainConfig, metrics: dict) -> None:
         f"- base model: `{cfg.model}` ({kind})",
         f"- data: `{cfg.data}` ({metrics['train_pairs']} training pairs, {metrics['eval_pairs']} held out)",
         f"- epochs {cfg.epochs}, batch {cfg.batch_size}, learning rate {cfg.learning_rate}, seed {cfg.seed}",
+        f"- score: head on the `{cfg.pooling}` pooling of the final hidden states",
         "",
         "| metric | value |",
         "|---|---|",
