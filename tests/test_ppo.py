@@ -271,21 +271,24 @@ def test_ppo_with_a_separate_reward_model_scores_like_the_reward_cli(tmp_path: P
     torch.testing.assert_close(rollout.scores, (expected - metrics["score_mean"]) / metrics["score_std"])
 
 
-def test_shared_reward_adapter_scores_like_the_reward_model(tmp_path: Path, prompts: Path) -> None:
-    """The cached-trunk reward path gives the scores `rlhf reward score` gives for the same tokens."""
+@pytest.mark.parametrize("pooling", ["last", "last+mean"])
+def test_shared_reward_adapter_scores_like_the_reward_model(tmp_path: Path, prompts: Path, pooling: str) -> None:
+    """The cached-trunk reward path gives the scores `rlhf reward score` gives for the same tokens,
+    pooled over the same completion span."""
     from rlhfkit.reward import load_reward_model, score_sequences
 
-    rm = _train_reward(tmp_path)
+    rm = _train_reward(tmp_path, pooling=pooling)
     trainer = PPOTrainer(small_config(prompts, tmp_path / "run", reward=str(rm), max_steps=1))
-    assert trainer.reward.adapter_dir is not None
+    assert trainer.reward.adapter_dir is not None and trainer.reward.info.pooling == pooling
     rollout, _ = trainer.rollout([0, 1, 2])
     model, tok, metrics = load_reward_model(rm)
     eos = tok.eos_token_id
-    rows = []
+    rows, starts = [], []
     for ids, mask in zip(rollout.ids, rollout.mask, strict=True):
         tokens = ids[mask.bool()].tolist()
         rows.append(tokens if tokens[-1] == eos else [*tokens, eos])
-    expected = torch.tensor(score_sequences(model, rows, tok.pad_token_id))
+        starts.append(int(mask[: rollout.query_len].sum()))
+    expected = torch.tensor(score_sequences(model, rows, tok.pad_token_id, starts=starts))
     torch.testing.assert_close(
         rollout.scores, (expected - metrics["score_mean"]) / metrics["score_std"], atol=1e-4, rtol=1e-4
     )

@@ -55,7 +55,6 @@ from rlhfkit.judges import Judge, distinct_n, load_judge
 from rlhfkit.models import (
     DEFAULT_MODEL,
     final_hidden,
-    last_token_index,
     load_causal_lm,
     load_tokenizer,
     lora_config,
@@ -79,7 +78,14 @@ from rlhfkit.ppo.core import (
     whiten,
 )
 from rlhfkit.ppo.monitor import Alert, detect
-from rlhfkit.reward import RewardModel, RewardModelDir, load_reward_model, read_reward_dir, score_texts
+from rlhfkit.reward import (
+    RewardModel,
+    RewardModelDir,
+    load_reward_model,
+    read_reward_dir,
+    reward_scores,
+    score_texts,
+)
 
 console = Console(stderr=True)
 POLICY = "default"
@@ -417,18 +423,20 @@ class RewardSource:
         ids: torch.Tensor,
         mask: torch.Tensor,
         lower: torch.Tensor | None,
+        query_len: int,
         prompts: Sequence[str],
         texts: Sequence[str],
     ) -> torch.Tensor:
-        """Raw scores; ``ids``/``mask``/``lower`` cover ``query + response + EOS``."""
+        """Raw scores; ``ids``/``mask``/``lower`` cover ``query`` (left-padded to ``query_len``)
+        ``+ response + EOS``, pooled as the reward model was trained (last token, or the response)."""
         if self.judge is not None:
             return torch.tensor(self.judge([prompt_text(p) for p in prompts], list(texts)), dtype=torch.float32)
         if self.model is not None:  # its own backbone and tokenizer: score the texts
             return torch.tensor(score_texts(self.model, self.tokenizer, prompts, texts), dtype=torch.float32)
         with core.adapter(REWARD if self.adapter_dir is not None else None):
             hidden = core.hidden(core.trunk, ids, mask, lower, self.adapter_split)
-        rows = torch.arange(ids.shape[0])
-        return self.info.head(hidden[rows, last_token_index(mask)]).squeeze(-1)
+        completion_start = torch.full((ids.shape[0],), query_len, dtype=torch.long)
+        return reward_scores(self.info.head, hidden, mask, completion_start, self.info.pooling)
 
     def normalise(self, scores: torch.Tensor, enabled: bool) -> torch.Tensor:
         if self.info is None or not enabled:
@@ -611,7 +619,7 @@ class PPOTrainer:
         ref_logprobs = core.reference_logprobs(ids, mask, lower, qlen, cfg.temperature)
 
         prompts = [self.records[i].prompt for i in prompt_idx]
-        raw = self.reward.score(core, ids_ext, mask_ext, lower_ext, prompts, texts)
+        raw = self.reward.score(core, ids_ext, mask_ext, lower_ext, qlen, prompts, texts)
         scores = self.reward.normalise(raw.float(), cfg.normalize_reward)
         penalized = apply_eos_penalty(scores, ended, cfg.missing_eos_penalty, cfg.eos_penalty_mode)
         if self.value_bias_from_scores and self.step == 0:
