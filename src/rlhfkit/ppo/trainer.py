@@ -4,17 +4,20 @@ Recipe features:
 
 - One frozen base model serves every role (LoRA mode, the default): the policy is the ``default``
   LoRA adapter on the top ``trainable_layers`` layers, the reference is the same base with the
-  adapters disabled, the value function is a scalar head on the policy's trunk (one pass gives
-  logits and values), and a reward model trained on the same backbone is one more adapter
-  (``reward``). The frozen lower layers run once per rollout; every role and every PPO epoch
-  reuses their output. ``full`` fine-tunes every weight and keeps a frozen reference copy.
+  adapters disabled, the critic is its own ``value`` LoRA adapter plus a scalar head (so the value
+  loss never moves the policy), and a reward model trained on the same backbone is one more frozen
+  adapter (``reward``), from which the critic starts. The frozen lower layers run once per rollout;
+  every role and every PPO epoch reuses their output. ``full`` fine-tunes every weight and keeps a
+  frozen reference copy, which carries the critic's adapter.
 - Rewards: a reward-model directory (scores normalised with the statistics saved by
-  ``rlhf reward train``), ``judge:NAME`` or ``module:function``. The score goes on the last response
-  token, a per-token KL penalty (k1 or k3) on every token; responses cut at ``max_new_tokens``
-  without EOS get ``missing_eos_penalty`` instead of their score (the "EOS trick").
+  ``rlhf reward train``, pooled as it was trained), ``judge:NAME`` or ``module:function``. The score
+  goes on the last response token, a per-token KL penalty (k1 or k3) on every token; responses cut at
+  ``max_new_tokens`` without EOS get ``missing_eos_penalty`` (replace or subtract: the "EOS trick").
+  A batch whose scores are all equal teaches nothing: its policy update is skipped, with a warning.
 - GAE (gamma, lambda), advantages whitened over the batch, clipped policy ratio and clipped value
-  loss, several PPO epochs over shuffled mini-batches, gradient clipping, dropout off, an adaptive
-  KL controller (``target_kl``) or a fixed coefficient.
+  loss, several PPO epochs over shuffled mini-batches (ended early past ``target_approx_kl``),
+  gradient clipping (policy and critic apart), dropout off, an optional critic warm-up, and an
+  adaptive KL controller (``target_kl``, horizon in steps) or a fixed coefficient.
 - Log-probabilities over response tokens only, at the sampling temperature, with the same padding in
   rollout and training.
 - Stops at ``max_steps``, at a moving-average reward of ``reward_threshold``, or with a clear message
