@@ -28,7 +28,7 @@ HERE = Path(__file__).parent
 DEFAULT_POINTS = ["fixed:0.05", "fixed:0.2", "target:2", "target:3"]
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -86,7 +86,7 @@ def main() -> None:
             sys.exit(f"{data / needed} missing: run `rlhf demo --quick --out {data}` first")
     gflops = matmul_gflops()
     print(f"fp32 matmul: {gflops:.0f} GFLOP/s", flush=True)
-    names = {p: p.replace(":", "-") for p in args.points}
+    names = {p: p.replace(":", "-").replace(".", "_") for p in args.points}
     train = {p: run_point(data, cache / names[p], p, args.steps) for p in args.points}
     prompts = [r.prompt for r in load_prompts(str(data / "prompts_heldout.jsonl"))]
     metrics = evaluate(
@@ -133,9 +133,15 @@ def main() -> None:
             f"{r['deflection_delta']:+.2f} | {r['eos_ratio']:.2f} | {r['fluency_ratio']:.2f} | "
             f"{r['seconds_per_step']:.1f} |"
         )
-    print(f"fp32 matmul {gflops:.0f} GFLOP/s; {args.steps} PPO steps per point; {len(prompts)} held-out prompts")
+    gflops_end = matmul_gflops()
+    print(
+        f"fp32 matmul {gflops:.0f} GFLOP/s at the start, {gflops_end:.0f} at the end; "
+        f"{args.steps} PPO steps per point; {len(prompts)} held-out prompts"
+    )
     print("\n".join(lines))
-    (cache / "frontier.json").write_text(json.dumps({"gflops": gflops, "results": results}, indent=2))
+    (cache / "frontier.json").write_text(
+        json.dumps({"gflops_start": gflops, "gflops_end": gflops_end, "results": results}, indent=2)
+    )
     plot(results, base["toxicity"]["mean"], HERE / "frontier.png")
     print(f"wrote {HERE / 'frontier.png'} and {cache / 'frontier.json'}")
 
