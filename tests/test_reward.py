@@ -338,3 +338,23 @@ def test_mean_pooled_directory_scores_through_reward_scores(tmp_path: Path) -> N
 def test_config_rejects_unknown_pooling(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="pooling"):
         RewardTrainConfig(data="x", out="y", pooling="max")
+
+
+def test_prompt_grouped_batches_cover_every_pair_once_per_epoch() -> None:
+    from rlhfkit.reward import PromptGroupedBatches
+
+    records = [PreferenceRecord(f"p{i % 9}", "a", "b") for i in range(50)]
+    fit = [i for i in range(50) if i % 5]  # 40 pairs
+    batches = PromptGroupedBatches(records, fit, batch_size=16, seed=0)
+    assert len(batches) == 3
+    epochs = [list(batches) for _ in range(2)]
+    for epoch in epochs:
+        assert [len(b) for b in epoch] == [16, 16, 8]
+        flat = [i for b in epoch for i in b]
+        assert sorted(flat) == fit
+        prompts = [records[i].prompt for i in flat]
+        runs = [p for j, p in enumerate(prompts) if j == 0 or p != prompts[j - 1]]
+        assert len(runs) == len(set(prompts))  # each prompt's pairs side by side
+    assert epochs[0] != epochs[1]  # a new order each epoch
+    again = PromptGroupedBatches(records, fit, batch_size=16, seed=0)
+    assert [list(again), list(again)] == epochs  # seeded

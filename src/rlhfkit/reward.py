@@ -96,6 +96,11 @@ class RewardTrainConfig:
         "on them are kept (early stopping). 0 = train on every training pair and keep the last epoch.",
     )
     patience: int = option(0, "With --validation-fraction: stop after N epochs without a better loss (0 = never).")
+    group_by_prompt: bool = option(
+        True,
+        "Batch each prompt's pairs together, so a completion shared by several pairs runs once per step "
+        "(cheaper epochs; every pair is still seen once per epoch).",
+    )
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -534,6 +539,35 @@ def _cache_lower(model: RewardModel, seqs: list[list[int]], pad_id: int, batch_s
     return cache
 
 
+class PromptGroupedBatches:
+    """Batches of pair indices for one epoch at a time: prompts in a new seeded order each epoch,
+    each prompt's pairs side by side, cut every ``batch_size`` pairs. With K completions per prompt
+    a completion is in up to K-1 pairs; grouped, it is mostly run once per epoch instead of once per pair.
+    """
+
+    def __init__(self, records: Sequence[PreferenceRecord], pair_idx: Sequence[int], batch_size: int, seed: int):
+        groups: dict[str, list[int]] = {}
+        for i in pair_idx:
+            groups.setdefault(json.dumps(prompt_text(records[i].prompt)), []).append(i)
+        self.groups = [groups[k] for k in sorted(groups)]
+        self.n_pairs = len(pair_idx)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.n_pairs / self.batch_size)
+
+    def __iter__(self):
+        rng = random.Random(f"{self.seed}-{self.epoch}")
+        self.epoch += 1
+        order = list(self.groups)
+        rng.shuffle(order)
+        flat = [i for group in order for i in rng.sample(group, len(group))]
+        for start in range(0, len(flat), self.batch_size):
+            yield flat[start : start + self.batch_size]
+
+
 def split_for_validation(
     records: Sequence[PreferenceRecord], train_idx: Sequence[int], fraction: float, seed: int
 ) -> tuple[list[int], list[int]]:
@@ -616,9 +650,13 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    loader = torch.utils.data.DataLoader(
-        fit_idx, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed)
-    )
+    if cfg.group_by_prompt:
+        batches = PromptGroupedBatches(records, fit_idx, cfg.batch_size, cfg.seed)
+        loader = torch.utils.data.DataLoader(range(len(records)), batch_sampler=batches)
+    else:
+        loader = torch.utils.data.DataLoader(
+            fit_idx, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed)
+        )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     scorer = _Scorer(accelerator.unwrap_model(model), seqs, starts, tokenizer.pad_token_id, cache)
 
@@ -634,7 +672,8 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
                 t0 = time.perf_counter()
                 pair_idx = [int(i) for i in batch]
                 pairs_seen += len(pair_idx)
-                scores = scorer(flat(pair_idx))
+                unique, inverse = torch.unique(torch.tensor(flat(pair_idx)), return_inverse=True)
+                scores = scorer(unique.tolist())[inverse]  # a sequence in several pairs runs once
                 chosen, rejected = scores[0::2], scores[1::2]
                 loss = bradley_terry_loss(chosen, rejected, margins[pair_idx])
                 accelerator.backward(loss)
