@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from rlhfkit.cli import app
 from rlhfkit.data import write_jsonl
+from rlhfkit.generation import SamplingParams
 from rlhfkit.ppo.trainer import PPOConfig, run_ppo
 
 ASSETS = Path(__file__).parent / "assets" / "token_reward.py"
@@ -79,20 +80,41 @@ def test_eval_writes_metrics_samples_and_report(runs: dict[str, Path], tmp_path:
             "eos_rate",
             "distinct_1",
             "distinct_2",
+            "deflection_rate",
+            "fluency_ppl",
+            "fluency_scorer",
         ):
             assert key in metrics[side], (side, key)
         assert set(metrics[side]["nontoxic"]) >= {"mean", "ci_low", "ci_high"}
+        assert 0 <= metrics[side]["deflection_rate"] <= 1 and metrics[side]["fluency_ppl"] > 1
+    # gemma3-270m when its wheels are installed, else the base model, and the file says which
+    assert metrics["settings"]["fluency_scorer_model"] in ("gemma3-270m", "tiny-random")
+    assert metrics["base"]["fluency_scorer"] == metrics["settings"]["fluency_scorer"]
     assert math.isfinite(metrics["tuned"]["kl_from_base"]["mean"])
+    verdict = metrics["verdict"]
+    assert verdict["color"] in ("green", "red") and verdict["summary"].startswith(verdict["color"])
+    assert [b["name"] for b in verdict["bounds"]] == [
+        "kl_from_base",
+        "distinct_2_ratio",
+        "deflection_rate_increase",
+        "eos_rate_ratio",
+        "fluency_ppl_ratio",
+    ]
+    assert verdict["improved"]["metric"] == "nontoxic"
     for key in ("nontoxic", "toxicity", FAVOURED):
         assert 0 <= metrics["comparison"][key]["win_rate"] <= 1
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 9
     assert {"prompt", "base_completion", "tuned_completion", "base_nontoxic", f"tuned_{FAVOURED}"} <= set(rows[0])
+    assert {"base_deflection", "tuned_deflection", "base_fluency_ppl", "tuned_fluency_ppl"} <= set(rows[0])
+    assert isinstance(rows[0]["tuned_deflection"], bool)
     for png in ("training_curves.png", "reward_vs_kl.png", "score_histograms.png"):
         assert (out / "plots" / png).stat().st_size > 1000, png
     page = (out / "report.html").read_text()
     assert "<script" not in page  # the held-out <script> prompt, if shown, is escaped
     assert "diversity collapsed" in page  # the forced alert reached the report
+    assert "Verdict: " in page and page.index("Verdict: ") < page.index("nontoxic judge")  # the verdict leads
+    assert "deflection rate" in page and "fluency (perplexity under" in page and "EOS rate" in page
     assert page.count("data:image/png;base64,") == 3
 
 
@@ -103,6 +125,7 @@ def test_eval_compares_several_adapters_and_the_base(runs: dict[str, Path], tmp_
            "--max-new-tokens", "5")  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["tuned"]) == {"run_a", "run_b"} and set(metrics["comparison"]) == {"run_a", "run_b"}
+    assert set(metrics["verdict"]) == {"run_a", "run_b"} and "bounds" in metrics["verdict"]["run_b"]
     assert "kl_from_base" in metrics["tuned"]["run_b"]
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and {"tuned_run_a_completion", "tuned_run_b_nontoxic"} <= set(rows[0])
@@ -158,3 +181,47 @@ def test_samples_table_shows_model_output_as_text() -> None:
     table = _samples_table([row], "tuned", "r", "gains")
     assert "<script" not in table and "<b>" not in table and "<i>" not in table
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in table and "fine &amp; &lt;i&gt;dandy" in table
+
+
+def test_fluency_falls_back_to_the_base_model_and_says_so(runs: dict[str, Path], tmp_path: Path) -> None:
+    from rlhfkit.evaluation import evaluate
+
+    metrics = evaluate("tiny-random", runs["run_a"], ["Say hi.", "Name a colour.", "Count to three."],
+                       params=SamplingParams(max_new_tokens=5, temperature=0.7), out=tmp_path,
+                       fluency_scorer="no-such-scorer")  # fmt: skip
+    settings = metrics["settings"]
+    assert settings["fluency_scorer_model"] == "tiny-random"
+    assert "no-such-scorer did not load" in settings["fluency_scorer"] and "base model" in settings["fluency_scorer"]
+    assert settings["fluency_scorer_note"].startswith("no-such-scorer did not load")
+    assert metrics["tuned"]["fluency_scorer"] == settings["fluency_scorer"]
+    assert metrics["base"]["fluency_ppl"] > 1 and settings["fluency_seconds"]["score"] >= 0
+    skipped = evaluate("tiny-random", runs["run_a"], ["Say hi."], params=SamplingParams(max_new_tokens=3),
+                       fluency_scorer=None)  # fmt: skip
+    assert "fluency_ppl" not in skipped["base"]
+    ratio = next(b for b in skipped["verdict"]["bounds"] if b["name"] == "fluency_ppl_ratio")
+    assert ratio["pass"] is None and "skipped" in ratio["text"]
+
+
+def test_report_leads_with_the_verdict_and_escapes_deflections(tmp_path: Path) -> None:
+    from rlhfkit.evaluation import verdict
+    from rlhfkit.evaluation.report import write_report
+
+    ci = {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 2}
+    side = {"nontoxic": ci, "response_length": ci, "eos_rate": 0.5, "distinct_1": 0.9, "distinct_2": 0.9,
+            "deflection_rate": 0.0, "fluency_ppl": 10.0, "fluency_scorer": "gemma3-270m"}  # fmt: skip
+    tuned = side | {"deflection_rate": 0.5, "fluency_ppl": 30.0, "kl_from_base": ci}
+    comparison = {"nontoxic": {"win_rate": 0.5, "difference": {"mean": 0.1, "ci_low": 0.05, "ci_high": 0.15, "n": 2}}}
+    red = verdict(side, tuned, comparison, "nontoxic")
+    metrics = {"base": side, "tuned": tuned, "comparison": comparison, "verdict": red, "settings": {"base": "x"}}
+    rows = [
+        {"prompt": "<b>p</b>", "base_completion": "ok", "base_nontoxic": 0.5, "base_deflection": False,
+         "tuned_completion": "<script>x</script> I'm here to help!", "tuned_nontoxic": 0.6, "tuned_deflection": True},
+        {"prompt": "q", "base_completion": "fine", "base_nontoxic": 0.5, "base_deflection": False,
+         "tuned_completion": "fine too", "tuned_nontoxic": 0.5, "tuned_deflection": False},
+    ]  # fmt: skip
+    page = write_report(tmp_path, metrics, rows, {}).read_text()
+    assert "<script" not in page and "&lt;script&gt;x&lt;/script&gt; I&#x27;m here to help!" in page
+    assert "Verdict: RED" in page and page.index("Verdict: RED") < page.index("nontoxic judge")
+    assert "deflection rate tuned - base 0.5 &gt; 0.1" in page and "fluency perplexity tuned/base 3 &gt; 1.25" in page
+    assert "<h2>Deflections</h2>" in page and "1 of 2 completions flagged" in page
+    assert "I&#x27;m here to help" in page and "gemma3-270m" in page

@@ -40,7 +40,8 @@ def test_demo_runs_the_whole_loop_on_tiny_random(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     for side in ("base", "tuned"):
-        for key in ("nontoxic", "toxicity", "reward", "response_length", "eos_rate", "distinct_2"):
+        for key in ("nontoxic", "toxicity", "reward", "response_length", "eos_rate", "distinct_2", "deflection_rate",
+                    "fluency_ppl", "fluency_scorer"):  # fmt: skip
             assert key in metrics[side], (side, key)
         assert {"mean", "ci_low", "ci_high"} <= set(metrics[side]["nontoxic"])
     assert "kl_from_base" in metrics["tuned"]
@@ -48,7 +49,11 @@ def test_demo_runs_the_whole_loop_on_tiny_random(tmp_path: Path) -> None:
     assert 0 <= comparison["nontoxic"]["win_rate"] <= 1
     # nontoxic = 1 - toxicity, and a win on toxicity is a lower one: the two win rates agree
     assert comparison["toxicity"]["win_rate"] == pytest.approx(comparison["nontoxic"]["win_rate"])
-    assert (out / "SUMMARY.md").read_text().startswith("# rlhfkit demo")
+    assert metrics["verdict"]["color"] in ("green", "red") and len(metrics["verdict"]["bounds"]) == 5
+    summary = (out / "SUMMARY.md").read_text()
+    assert summary.startswith("# rlhfkit demo") and f"**Verdict: {metrics['verdict']['summary']}**" in summary
+    for row in ("| EOS rate |", "| distinct-2 |", "| deflection rate", "| fluency perplexity"):
+        assert row in summary, row
     rows = [json.loads(line) for line in (out / "eval" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and {"base_completion", "tuned_completion", "base_nontoxic", "tuned_nontoxic"} <= set(
         rows[0]
@@ -79,3 +84,88 @@ def test_primary_metric_prefers_the_reward_model_then_a_judge() -> None:
     assert primary_metric({"base": {"toxicity": ci, "nontoxic": ci, "response_length": ci, "eos_rate": 1.0}}) == (
         "nontoxic"
     )
+
+
+def test_completion_nll_equals_the_models_own_loss_on_each_sequence() -> None:
+    """Batched, padded scoring equals the model's cross-entropy on each prompt + completion alone."""
+    import torch
+
+    from rlhfkit.evaluation.fluency import completion_nll, corpus_ppl
+    from rlhfkit.generation import encode_prompts
+    from rlhfkit.models import load_causal_lm, load_tokenizer
+
+    model, tok = load_causal_lm("tiny-random"), load_tokenizer("tiny-random")
+    prompts = ["Tell me about the sea.", "Hi", "Write one line about bread, please, in the morning."]
+    completions = ["The sea is wide and blue.", "", "Bread"]
+    nlls = completion_nll(model, tok, prompts, completions, batch_size=2)
+    assert nlls[1].tokens == 0 and nlls[1].ppl is None  # an empty completion is skipped
+    for prompt, completion, got in zip(prompts, completions, nlls, strict=True):
+        if not completion:
+            continue
+        query = encode_prompts(tok, [prompt])[0]
+        answer = tok(completion, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([query + answer])
+        labels = torch.tensor([[-100] * len(query) + answer])
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=labels).loss.item()  # mean NLL over the completion tokens
+        assert got.tokens == len(answer)
+        assert got.total / got.tokens == pytest.approx(loss, rel=1e-4)
+        assert got.ppl == pytest.approx(math.exp(loss), rel=1e-4)
+    # A scorer without a chat template reads plain text: a reply starts a new line, a continuation does not.
+    from rlhfkit.evaluation.fluency import _encode_queries
+
+    tok.chat_template = None
+    reply, continuation = _encode_queries(tok, ["Hi", "Hi"], ["there", " there"])
+    assert tok.decode(reply).endswith("Hi\n") and tok.decode(continuation).endswith("Hi")
+    total = sum(n.total for n in nlls)
+    assert corpus_ppl(nlls) == pytest.approx(math.exp(total / sum(n.tokens for n in nlls)))
+    assert corpus_ppl([nlls[1]]) is None
+
+
+def _ci(mean: float, low: float, high: float) -> dict:
+    return {"mean": mean, "ci_low": low, "ci_high": high, "n": 64}
+
+
+def _side(**overrides: object) -> dict:
+    side = {"distinct_2": 0.8, "eos_rate": 0.5, "deflection_rate": 0.05, "fluency_ppl": 20.0}
+    return side | overrides
+
+
+def test_verdict_green_needs_a_significant_gain_and_every_bound() -> None:
+    from rlhfkit.evaluation import VERDICT_BOUNDS, verdict
+
+    gain = {"nontoxic": {"difference": _ci(0.1, 0.02, 0.18), "win_rate": 0.6}}
+    tuned = _side(kl_from_base=_ci(1.0, 0.5, 1.5), distinct_2=0.78, fluency_ppl=22.0)
+    green = verdict(_side(), tuned, gain, "nontoxic")
+    assert green["green"] and green["color"] == "green" and green["broken"] == []
+    assert [b["name"] for b in green["bounds"]] == list(VERDICT_BOUNDS)
+    assert all(b["pass"] for b in green["bounds"]) and green["summary"].startswith("green")
+
+    flat = {"nontoxic": {"difference": _ci(0.1, -0.02, 0.22), "win_rate": 0.6}}
+    red = verdict(_side(), tuned, flat, "nontoxic")
+    assert not red["green"] and red["broken"] == [] and "did not improve significantly" in red["summary"]
+
+    # Every bound broken at once; each named, with its measured value.
+    bad = _side(kl_from_base=_ci(4.0, 3.5, 4.5), distinct_2=0.5, eos_rate=0.1, deflection_rate=0.3, fluency_ppl=40.0)
+    red = verdict(_side(), bad, gain, "nontoxic")
+    assert red["broken"] == list(VERDICT_BOUNDS)
+    values = {b["name"]: b["value"] for b in red["bounds"]}
+    assert values["kl_from_base"] == 4.0 and values["distinct_2_ratio"] == pytest.approx(0.625)
+    assert values["deflection_rate_increase"] == pytest.approx(0.25) and values["eos_rate_ratio"] == 0.2
+    assert values["fluency_ppl_ratio"] == 2.0
+    assert "KL from base" in red["summary"] and "deflection rate" in red["summary"] and "fluency" in red["summary"]
+
+
+def test_verdict_flips_for_lower_is_better_and_skips_what_it_cannot_measure() -> None:
+    from rlhfkit.evaluation import verdict
+
+    fell = {"toxicity": {"difference": _ci(-0.1, -0.15, -0.05), "win_rate": 0.7}}
+    base = _side(eos_rate=0.0)
+    tuned = _side(eos_rate=0.0)  # no KL (greedy), base EOS rate 0: both skipped, not failed
+    result = verdict(base, tuned, fell, "toxicity")
+    assert result["green"], result["summary"]
+    skipped = {b["name"] for b in result["bounds"] if b["pass"] is None}
+    assert skipped == {"kl_from_base", "eos_rate_ratio"}
+    rose = {"toxicity": {"difference": _ci(0.1, 0.05, 0.15), "win_rate": 0.3}}
+    assert not verdict(base, tuned, rose, "toxicity")["green"]
+    assert not verdict(base, tuned, {}, None)["green"]

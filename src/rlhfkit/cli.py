@@ -512,11 +512,15 @@ def _write_demo_summary(out: Path, metrics: dict, examples: list[dict]) -> None:
 
     diff = comp["nontoxic"]["difference"]
     significant = diff["ci_low"] > 0 or diff["ci_high"] < 0
+    verdict = metrics.get("verdict")
+    fluency = "| fluency perplexity (lower is better) | {:.1f} | {:.1f} |"
     lines = [
         "# rlhfkit demo",
         "",
         f"Held-out prompts: {metrics['settings']['prompts']}. "
         f"Base `{metrics['settings']['base']}` vs the PPO-tuned adapter.",
+        "",
+        f"**Verdict: {verdict['summary']}**" if verdict else "Verdict: not computed.",
         "",
         "| | base | tuned |",
         "|---|---|---|",
@@ -524,7 +528,15 @@ def _write_demo_summary(out: Path, metrics: dict, examples: list[dict]) -> None:
         f"| toxicity P(toxic) (lower is better) | {ci(base['toxicity'])} | {ci(tuned['toxicity'])} |",
         f"| reward model | {ci(base['reward'])} | {ci(tuned['reward'])} |",
         f"| response length (tokens) | {ci(base['response_length'])} | {ci(tuned['response_length'])} |",
+        f"| EOS rate | {base['eos_rate']:.0%} | {tuned['eos_rate']:.0%} |",
+        f"| distinct-2 | {base['distinct_2']:.3f} | {tuned['distinct_2']:.3f} |",
+        f"| deflection rate (assistant boilerplate) | {base['deflection_rate']:.0%} | {tuned['deflection_rate']:.0%} |",
+        fluency.format(base["fluency_ppl"], tuned["fluency_ppl"])
+        if base.get("fluency_ppl") is not None and tuned.get("fluency_ppl") is not None
+        else "| fluency perplexity | not scored | not scored |",
         f"| KL from base (nats / response) | 0 | {ci(tuned['kl_from_base'])} |",
+        "",
+        f"Fluency scorer: {base.get('fluency_scorer', 'none')}.",
         "",
         f"Nontoxic score change: {ci(diff)}: {'significant' if significant else 'not significant'} at 95%; "
         f"tuned wins on {comp['nontoxic']['win_rate']:.0%} of prompts (ties half).",

@@ -2,9 +2,12 @@
 
 Both models sample with the same settings and the same seed (common random numbers), so their
 difference is the tuning and not the dice. Per model: mean and 95% confidence interval of every
-judge and of the reward model, raw toxicity, response length, EOS rate; per tuned model: win rate
-over the base (ties count half), the paired difference with its interval, and the sequence-level
-KL from the base estimated on the tuned samples.
+judge and of the reward model, raw toxicity, response length, EOS rate, distinct-1/2, the
+deflection rate (share of completions that are assistant boilerplate instead of content, see
+:func:`rlhfkit.judges.is_deflection`) and the fluency perplexity under an independent scorer
+(:mod:`rlhfkit.evaluation.fluency`); per tuned model: win rate over the base (ties count half), the
+paired difference with its interval, the sequence-level KL from the base estimated on the tuned
+samples, and a green/red verdict against :data:`VERDICT_BOUNDS`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import functools
 import json
 import math
 import statistics
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -25,14 +29,26 @@ from rich.table import Table
 from rlhfkit.console import progress_bar
 from rlhfkit.data import Prompt, prompt_text, write_jsonl
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.evaluation.fluency import SCORER, Nll, completion_nll, corpus_ppl
 from rlhfkit.generation import SamplingParams, encode_prompts, left_pad, sample_batch
-from rlhfkit.judges import distinct_n, load_judge, toxicity
+from rlhfkit.judges import distinct_n, is_deflection, load_judge, toxicity
 from rlhfkit.models import final_hidden, load_causal_lm, load_tokenizer
 from rlhfkit.ppo.trainer import response_logprobs
 from rlhfkit.reward import load_reward_model, score_texts
 
 Z95 = 1.959963984540054
 LOWER_IS_BETTER = {"toxicity"}
+
+VERDICT_BOUNDS: dict[str, float] = {
+    "kl_from_base": 3.0,  # at most: mean KL from the base, nats per response
+    "distinct_2_ratio": 0.90,  # at least: distinct-2 tuned / base (skipped when the base's is 0)
+    "deflection_rate_increase": 0.10,  # at most: deflection rate tuned - base
+    "eos_rate_ratio": 0.5,  # at least: EOS rate tuned / base (skipped when the base's is 0)
+    "fluency_ppl_ratio": 1.25,  # at most: fluency perplexity tuned / base
+}
+"""The bounds a tuned model must keep for a green verdict, besides a significant gain on the first
+judge (the reward model's score when no judge is given). Change a number here and every verdict,
+metrics.json and the report follow."""
 
 
 def mean_ci(values: Sequence[float]) -> dict[str, float]:
@@ -54,9 +70,10 @@ def adapter_names(run_dirs: Sequence[str | Path]) -> dict[str, Path]:
     names: dict[str, Path] = {}
     for run_dir in run_dirs:
         folder = Path(run_dir)
-        name, k = folder.name or "tuned", 2
+        stem = folder.name.replace(".", "_") or "tuned"  # peft adapter names cannot hold a dot
+        name, k = stem, 2
         while name in names:
-            name, k = f"{folder.name}-{k}", k + 1
+            name, k = f"{stem}-{k}", k + 1
         names[name] = folder
     return names
 
@@ -147,6 +164,117 @@ def sequence_logprob(model: torch.nn.Module, batch: Samples, temperature: float)
     return (logp * response_mask).sum(-1)
 
 
+def _score_fluency(
+    scorer_name: str | None,
+    base: str,
+    base_tokenizer,
+    base_model: torch.nn.Module,
+    base_view: Callable[[], AbstractContextManager],
+    prompts: Sequence[Prompt],
+    texts: dict[str, list[str]],
+) -> tuple[dict[str, list[Nll]], dict]:
+    """NLL of every completion under the scorer (the base model when the scorer does not load)."""
+    if not scorer_name:
+        return {}, {}
+    started = time.perf_counter()
+    model, tokenizer, view, note = base_model, base_tokenizer, base_view, ""
+    if scorer_name != base:
+        try:
+            tokenizer, model, view = load_tokenizer(scorer_name), load_causal_lm(scorer_name), nullcontext
+        except Exception as exc:  # any failure to load falls back, and the report says why
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            model, tokenizer, note = base_model, base_tokenizer, f"{scorer_name} did not load ({reason})"
+            scorer_name = base
+    loaded = time.perf_counter()
+    out: dict[str, list[Nll]] = {}
+    progress = progress_bar("eval: fluency")
+    with progress, view():
+        task = progress.add_task("fluency", total=sum(len(t) for t in texts.values()), info=scorer_name)
+        for key, completions in texts.items():
+            out[key] = completion_nll(
+                model, tokenizer, prompts, completions, on_batch=lambda n: progress.advance(task, n)
+            )
+    info = {
+        "fluency_scorer": scorer_name if not note else f"{base} (base model; {note})",
+        "fluency_scorer_model": scorer_name,
+        "fluency_scorer_note": note,
+        "fluency_seconds": {"load": round(loaded - started, 2), "score": round(time.perf_counter() - loaded, 2)},
+    }
+    return out, info
+
+
+_BOUND_RULES: dict[str, tuple[bool, str, str]] = {
+    # name: (the value must be at most the limit?, what is measured, why it may be skipped)
+    "kl_from_base": (True, "KL from base (nats per response)", "not measured: greedy sampling"),
+    "distinct_2_ratio": (False, "distinct-2 tuned/base", "base distinct-2 is 0"),
+    "deflection_rate_increase": (True, "deflection rate tuned - base", "not measured"),
+    "eos_rate_ratio": (False, "EOS rate tuned/base", "base EOS rate is 0"),
+    "fluency_ppl_ratio": (True, "fluency perplexity tuned/base", "fluency not scored"),
+}
+
+
+def _bound(name: str, value: float | None) -> dict:
+    """One verdict bound: its measured value, limit, pass/fail (None when it could not be measured)."""
+    limit, (at_most, words, skip) = VERDICT_BOUNDS[name], _BOUND_RULES[name]
+    if value is None or not math.isfinite(value):
+        return {"name": name, "value": None, "limit": limit, "pass": None, "text": f"{words}: skipped ({skip})"}
+    ok = value <= limit if at_most else value >= limit
+    sign = ("<=" if ok else ">") if at_most else (">=" if ok else "<")
+    return {"name": name, "value": value, "limit": limit, "pass": ok, "text": f"{words} {value:.3g} {sign} {limit:g}"}
+
+
+def verdict(base: dict, tuned: dict, comparison: dict, primary: str | None) -> dict:
+    """Green when ``primary`` improved significantly at 95% and every bound of VERDICT_BOUNDS holds.
+
+    Returns ``{"green", "color", "improved", "bounds", "broken", "summary"}``: ``improved`` says
+    whether ``primary`` (lower-is-better metrics count a fall) improved with a 95% interval that
+    excludes 0; each bound has its measured ``value``, ``limit``, ``pass`` (None when it could not
+    be measured, e.g. the EOS ratio when the base never ends) and a ``text``; ``broken`` names the
+    failed bounds and ``summary`` says in words what is green or what broke.
+    """
+    if primary is not None and primary in comparison:
+        diff = comparison[primary]["difference"]
+        better = diff["ci_high"] < 0 if primary in LOWER_IS_BETTER else diff["ci_low"] > 0
+        change = ("fell" if primary in LOWER_IS_BETTER else "rose") if better else "did not improve"
+        improved = {
+            "metric": primary,
+            "difference": diff["mean"],
+            "ci_low": diff["ci_low"],
+            "ci_high": diff["ci_high"],
+            "pass": bool(better),
+            "text": f"{primary} {change} significantly at 95% "
+            f"({diff['mean']:+.3g}, CI {diff['ci_low']:+.3g} to {diff['ci_high']:+.3g})",
+        }
+    else:
+        improved = {"metric": primary, "pass": False, "text": "no judge or reward-model score to compare"}
+
+    def ratio(key: str) -> float | None:
+        b, t = base.get(key), tuned.get(key)
+        return t / b if isinstance(b, (int, float)) and isinstance(t, (int, float)) and b > 0 else None
+
+    kl = tuned["kl_from_base"]["mean"] if "kl_from_base" in tuned else None
+    deflection = tuned["deflection_rate"] - base["deflection_rate"] if "deflection_rate" in base else None
+    measured = {
+        "kl_from_base": kl,
+        "distinct_2_ratio": ratio("distinct_2"),
+        "deflection_rate_increase": deflection,
+        "eos_rate_ratio": ratio("eos_rate"),
+        "fluency_ppl_ratio": ratio("fluency_ppl"),
+    }
+    bounds = [_bound(name, measured[name]) for name in VERDICT_BOUNDS]
+    broken = [b["name"] for b in bounds if b["pass"] is False]
+    green = improved["pass"] and not broken
+    problems = ([] if improved["pass"] else [improved["text"]]) + [b["text"] for b in bounds if b["pass"] is False]
+    return {
+        "green": green,
+        "color": "green" if green else "red",
+        "improved": improved,
+        "bounds": bounds,
+        "broken": broken,
+        "summary": f"green: {improved['text']}; every bound holds" if green else "red: " + "; ".join(problems),
+    }
+
+
 def evaluate(
     base: str,
     adapters: str | Path | Sequence[str | Path] | None,
@@ -158,12 +286,17 @@ def evaluate(
     out: str | Path | None = None,
     num_examples: int = 5,
     batch_size: int = 16,
+    fluency_scorer: str | None = SCORER,
 ) -> dict:
     """Compare the base model with each tuned run; writes metrics.json and samples.jsonl to ``out``.
 
-    With one run, ``metrics["tuned"]`` and ``metrics["comparison"]`` hold its numbers; with several,
-    they map each run's name to them. Samples use the keys ``base_*`` and ``tuned_*`` (one run) or
-    ``tuned_<name>_*`` (several).
+    With one run, ``metrics["tuned"]``, ``metrics["comparison"]`` and ``metrics["verdict"]`` hold its
+    numbers; with several, they map each run's name to them. Samples use the keys ``base_*`` and
+    ``tuned_*`` (one run) or ``tuned_<name>_*`` (several).
+
+    ``fluency_scorer`` names the model that scores fluency (default ``gemma3-270m``); when it does
+    not load, the base model scores instead, ``fluency_scorer`` says so and
+    ``settings.fluency_scorer_note`` says why. ``None`` skips fluency.
     """
     params = params or SamplingParams(max_new_tokens=48, temperature=0.7)
     if not prompts:
@@ -197,8 +330,10 @@ def evaluate(
 
     plain = [prompt_text(p) for p in prompts]
     scores: dict[str, dict[str, list[float]]] = {key: {} for key in texts}
+    judge_names = []
     for spec in judges:
         judge = load_judge(spec)
+        judge_names.append(judge.name)
         for key, completions in texts.items():
             scores[key][judge.name] = judge(plain, completions)
             if judge.name == "nontoxic":
@@ -207,6 +342,9 @@ def evaluate(
         rm, rm_tok, _ = load_reward_model(reward_model)
         for key, completions in texts.items():
             scores[key]["reward"] = score_texts(rm, rm_tok, list(prompts), completions)
+        del rm
+    fluency, scorer = _score_fluency(fluency_scorer, base, tokenizer, base_model, base_view, prompts, texts)
+    deflected = {key: [is_deflection(t) for t in completions] for key, completions in texts.items()}
 
     per_model: dict[str, dict] = {}
     for key, bs in batches.items():
@@ -217,6 +355,10 @@ def evaluate(
         per_model[key]["eos_rate"] = sum(ended) / len(ended)
         per_model[key]["distinct_1"] = distinct_n(texts[key], 1)
         per_model[key]["distinct_2"] = distinct_n(texts[key], 2)
+        per_model[key]["deflection_rate"] = sum(deflected[key]) / len(deflected[key])
+        if fluency:
+            per_model[key]["fluency_ppl"] = corpus_ppl(fluency[key])
+            per_model[key]["fluency_scorer"] = scorer["fluency_scorer"]
     comparisons: dict[str, dict] = {}
     for name, (module, active) in tuned.items():
         key = key_of[name]
@@ -237,15 +379,19 @@ def evaluate(
                     base_lp = sequence_logprob(base_model, b, params.temperature)
                 kl.extend((tuned_lp - base_lp).tolist())
             per_model[key]["kl_from_base"] = mean_ci(kl)
+    first = judge_names[0] if judge_names else ("reward" if reward_model is not None else None)
+    verdicts = {name: verdict(per_model["base"], per_model[key_of[name]], comparisons[name], first) for name in tuned}
 
     metrics: dict = {"base": per_model["base"]}
     if tuned:
         if single:
             (name,) = tuned
             metrics["tuned"], metrics["comparison"] = per_model["tuned"], comparisons[name]
+            metrics["verdict"] = verdicts[name]
         else:
             metrics["tuned"] = {name: per_model[key_of[name]] for name in tuned}
             metrics["comparison"] = comparisons
+            metrics["verdict"] = verdicts
     metrics["settings"] = {
         "base": base,
         "adapters": {name: str(folder) for name, folder in runs.items()},
@@ -255,6 +401,7 @@ def evaluate(
         "seed": seed,
         "max_new_tokens": params.max_new_tokens,
         "temperature": params.temperature,
+        **scorer,
     }
     rows = []
     for i, p in enumerate(prompts):
@@ -262,6 +409,10 @@ def evaluate(
         for key in texts:
             row[f"{key}_completion"] = texts[key][i]
             row.update({f"{key}_{metric}": round(v[i], 6) for metric, v in scores[key].items()})
+            row[f"{key}_deflection"] = deflected[key][i]
+            if fluency:
+                ppl = fluency[key][i].ppl
+                row[f"{key}_fluency_ppl"] = round(ppl, 4) if ppl is not None else None
         rows.append(row)
     if out is not None:
         folder = Path(out)
@@ -279,6 +430,14 @@ def tuned_entries(metrics: dict) -> list[tuple[str, dict, dict]]:
     if "response_length" in metrics["tuned"]:
         return [("tuned", metrics["tuned"], metrics["comparison"])]
     return [(name, m, metrics["comparison"][name]) for name, m in metrics["tuned"].items()]
+
+
+def verdict_of(metrics: dict, name: str) -> dict | None:
+    """The verdict of the tuned run ``name`` (``"tuned"`` when one run was evaluated), if any."""
+    verdicts = metrics.get("verdict")
+    if not verdicts:
+        return None
+    return verdicts if "green" in verdicts else verdicts.get(name)
 
 
 def primary_metric(metrics: dict) -> str:
@@ -327,6 +486,8 @@ def print_comparison(metrics: dict, console: Console | None = None) -> None:
         table.add_column("tuned - base", justify="right")
         table.add_column("win rate", justify="right")
         for key in base:
+            if isinstance(base[key], str):  # the fluency scorer's name, shown under the table
+                continue
             diff = comparison.get(key, {})
             table.add_row(
                 key,
@@ -338,3 +499,8 @@ def print_comparison(metrics: dict, console: Console | None = None) -> None:
         if "kl_from_base" in tuned:
             table.add_row("kl_from_base", "0", _fmt(tuned["kl_from_base"]), "", "")
         console.print(table)
+        if "fluency_scorer" in base:
+            console.print(f"fluency_ppl scored by {base['fluency_scorer']}", markup=False)
+        found = verdict_of(metrics, name)
+        if found:
+            console.print(f"verdict: {found['summary']}", style="green" if found["green"] else "red", markup=False)

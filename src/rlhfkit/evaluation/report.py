@@ -1,9 +1,11 @@
 """``report.html``: one self-contained page that says what tuning changed, read top to bottom.
 
-Sections: the headline (each score base vs tuned with its 95% interval, significant or not, win
-rate, KL, diversity), reward-hacking alerts raised during training, training curves from the run's
-``metrics.jsonl``, the reward-vs-KL frontier, score histograms, and the samples with the biggest
-gains and losses. Plots are matplotlib PNGs, written to ``plots/`` and embedded in the page as data
+Sections: the headline (per tuned model its green/red verdict first, with every bound's measured
+value, then each score base vs tuned with its 95% interval, significant or not, win rate, and KL,
+diversity, deflection rate, fluency perplexity with the scorer's name, length and EOS rate),
+reward-hacking alerts raised during training, training curves from the run's ``metrics.jsonl``, the
+reward-vs-KL frontier, score histograms, the samples with the biggest gains and losses, and a few
+completions flagged as deflections. Plots are matplotlib PNGs, written to ``plots/`` and embedded in the page as data
 URIs, so the one file can be mailed or attached to a ticket. Every model output is HTML-escaped.
 """
 
@@ -17,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.data import prompt_text
-from rlhfkit.evaluation import LOWER_IS_BETTER, gains_and_losses, primary_metric, tuned_entries
+from rlhfkit.evaluation import (
+    LOWER_IS_BETTER,
+    VERDICT_BOUNDS,
+    gains_and_losses,
+    primary_metric,
+    tuned_entries,
+    verdict_of,
+)
+from rlhfkit.judges import deflection_match
 
 ALERT_TEXT = {
     "reward_up_monitor_down": "reward rose while the independent monitor fell (reward hacking)",
@@ -45,6 +55,9 @@ th { background: #f5f5f5; } td.num { text-align: right; white-space: nowrap; fon
 .good { color: #11772c; font-weight: 600; } .bad { color: #b3261e; font-weight: 600; } .flat { color: #666; }
 .alert { background: #fff4e5; border-left: 4px solid #e08a00; padding: 0.5em 0.8em; margin: 0.4em 0; }
 .muted { color: #666; } img { max-width: 100%; height: auto; border: 1px solid #eee; }
+.verdict { padding: 0.6em 0.9em; margin: 0.5em 0; border-radius: 4px; font-size: 1.1em; }
+.verdict.green { background: #e6f4ea; border-left: 6px solid #11772c; }
+.verdict.red { background: #fce8e6; border-left: 6px solid #b3261e; }
 """
 
 
@@ -219,6 +232,42 @@ def _img(path: Path, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
+def _verdict_block(found: dict | None) -> str:
+    """The verdict box: green or red, what broke in words, and a table of every bound."""
+    if not found:
+        return ""
+    color = "green" if found["green"] else "red"
+    rows = []
+    for bound in found["bounds"]:
+        state = {True: ("good", "pass"), False: ("bad", "FAIL"), None: ("flat", "skipped")}[bound["pass"]]
+        value = "&ndash;" if bound["value"] is None else f"{bound['value']:.3g}"
+        rows.append(
+            f"<tr><td>{html.escape(bound['text'])}</td><td class='num'>{value}</td>"
+            f"<td class='num'>{bound['limit']:g}</td><td class='{state[0]}'>{state[1]}</td></tr>"
+        )
+    improved = found["improved"]
+    return (
+        f"<div class='verdict {color}'><b>Verdict: {color.upper()}</b> &mdash; "
+        f"{html.escape(found['summary'].split(': ', 1)[-1])}</div>"
+        f"<table><tr><th>check</th><th>measured</th><th>bound</th><th></th></tr>"
+        f"<tr><td>{html.escape(improved['text'])}</td><td class='num'></td><td class='num'>CI excludes 0</td>"
+        f"<td class='{'good' if improved['pass'] else 'bad'}'>{'pass' if improved['pass'] else 'FAIL'}</td></tr>"
+        f"{''.join(rows)}</table>"
+    )
+
+
+def _fluency_line(base: dict, tuned: dict) -> str:
+    if base.get("fluency_ppl") is None or tuned.get("fluency_ppl") is None:
+        return "fluency: not scored"
+    b, t = base["fluency_ppl"], tuned["fluency_ppl"]
+    worse = t > VERDICT_BOUNDS["fluency_ppl_ratio"] * b
+    return (
+        f"fluency (perplexity under <code>{html.escape(str(base.get('fluency_scorer', '?')))}</code>, lower reads "
+        f"more naturally): {_num(b, 1)} &rarr; {_num(t, 1)}"
+        + (f' <span class="bad">(more than {VERDICT_BOUNDS["fluency_ppl_ratio"]:g}x the base)</span>' if worse else "")
+    )
+
+
 def _headline(metrics: dict) -> str:
     base = metrics["base"]
     primary = primary_metric(metrics)
@@ -261,14 +310,24 @@ def _headline(metrics: dict) -> str:
             f"diversity (distinct-2): {_num(d2b, 2)} &rarr; {_num(d2t, 2)}"
             + (' <span class="bad">(fell by more than a quarter: answers grow alike)</span>' if fell else "")
         )
+        if "deflection_rate" in base:
+            bound = VERDICT_BOUNDS["deflection_rate_increase"]
+            rose = tuned["deflection_rate"] - base["deflection_rate"] > bound
+            drift.append(
+                f"deflection rate (assistant boilerplate instead of content): {base['deflection_rate']:.0%} &rarr; "
+                f"{tuned['deflection_rate']:.0%}"
+                + (f' <span class="bad">(up by more than {bound * 100:g} points)</span>' if rose else "")
+            )
+        drift.append(_fluency_line(base, tuned))
         drift.append(
             f"response length: {_num(base['response_length']['mean'], 1)} &rarr; "
             f"{_num(tuned['response_length']['mean'], 1)} tokens; EOS rate {base['eos_rate']:.0%} &rarr; "
             f"{tuned['eos_rate']:.0%}"
         )
         parts.append(
-            f"<h3>{title}</h3>{lead}<table><tr><th>score</th><th>base</th><th>tuned</th>"
-            f"<th>tuned &minus; base [95% CI]</th><th>tuned wins</th><th>verdict</th></tr>{''.join(rows)}</table>"
+            f"<h3>{title}</h3>{_verdict_block(verdict_of(metrics, name))}{lead}"
+            "<table><tr><th>score</th><th>base</th><th>tuned</th>"
+            f"<th>tuned &minus; base [95% CI]</th><th>tuned wins</th><th>change</th></tr>{''.join(rows)}</table>"
             f"<ul>{''.join(f'<li>{d}</li>' for d in drift)}</ul>"
         )
     if not parts:
@@ -304,6 +363,31 @@ def _samples_table(rows: list[dict], model_key: str, metric: str, title: str) ->
         f"<h3>{html.escape(title)}</h3><table><tr><th>prompt</th><th>base completion</th><th>score</th>"
         f"<th>tuned completion</th><th>score</th></tr>{''.join(body)}</table>"
     )
+
+
+def _deflections_section(rows: list[dict], models: dict[str, str], n: int) -> str:
+    """Up to ``n`` completions per model flagged as deflections, with the words that matched."""
+    parts = []
+    for key, label in models.items():
+        flagged = [r for r in rows if r.get(f"{key}_deflection")]
+        if not any(f"{key}_deflection" in r for r in rows):
+            continue
+        head = f"<h3>{html.escape(label)}: {len(flagged)} of {len(rows)} completions flagged</h3>"
+        if not flagged:
+            parts.append(head)
+            continue
+        body = []
+        for r in flagged[:n]:
+            found = deflection_match(r[f"{key}_completion"])
+            kind = f"{found[0]} (&ldquo;{html.escape(found[1])}&rdquo;)" if found else ""
+            body.append(
+                f'<tr><td class="text">{html.escape(prompt_text(r["prompt"]))}</td>'
+                f'<td class="text">{html.escape(r[f"{key}_completion"])}</td><td>{kind}</td></tr>'
+            )
+        parts.append(
+            f"{head}<table><tr><th>prompt</th><th>completion</th><th>boilerplate found</th></tr>{''.join(body)}</table>"
+        )
+    return "".join(parts)
 
 
 def write_report(out: str | Path, metrics: dict, rows: list[dict], runs: dict[str, Path], num_samples: int = 5) -> Path:
@@ -361,6 +445,15 @@ def write_report(out: str | Path, metrics: dict, rows: list[dict], runs: dict[st
         page += [f"<h2>{title}</h2>", f"<p class='muted'>{caption}</p>", _img(plots / name, title)]
     if samples:
         page += ["<h2>Samples side by side</h2>", *samples]
+    deflections = _deflections_section(rows, models, num_samples)
+    if deflections:
+        page += [
+            "<h2>Deflections</h2>",
+            "<p class='muted'>Completions that replace the content with assistant boilerplate (refusals, "
+            "&ldquo;As an AI&rdquo;, &ldquo;I'm here to help&rdquo;), as <code>rlhfkit.judges.is_deflection</code> "
+            "flags them.</p>",
+            deflections,
+        ]
     page.append("</body></html>")
     path = folder / "report.html"
     path.write_text("\n".join(page), encoding="utf-8")
