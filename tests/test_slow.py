@@ -27,5 +27,8 @@ def test_quick_demo_on_the_default_model(tmp_path: Path) -> None:
     assert sum("monitor_score" in r for r in ppo) >= 5  # the reward-hacking monitor ran throughout
     assert (out / "eval" / "report.html").stat().st_size > 50_000  # three embedded plots
     assert metrics["tuned"]["toxicity"]["mean"] < metrics["base"]["toxicity"]["mean"]
+    # The KL controller's promise (target 2 nats a response): the model keeps most of its voice.
+    assert metrics["tuned"]["kl_from_base"]["mean"] <= 3.0
+    assert sum(r["kl"] for r in ppo[-5:]) / 5 <= 4.0
     # Its wall time is a measurement (metrics["pipeline"], docs/measurements.md), not an assertion:
     # these hosts swing by a third in speed from one hour to the next.

@@ -382,11 +382,38 @@ def _stage(title: str, key: str, seconds: dict[str, float]) -> Iterator[None]:
     seconds[key] = time.perf_counter() - started
 
 
+def demo_ppo_config(cfg: DemoConfig, demo_dir: Path, steps: int, n_monitor: int, **overrides: object):
+    """The demo's PPO stage (``bench/frontier.py`` runs it at other KL settings to choose these)."""
+    from rlhfkit.ppo.trainer import PPOConfig
+
+    settings: dict = dict(
+        reward=str(demo_dir / "reward_model"),
+        prompts=str(demo_dir / "prompts_ppo.jsonl"),
+        out=str(demo_dir / "ppo"),
+        policy=cfg.model,
+        max_steps=steps,
+        max_new_tokens=cfg.max_new_tokens,
+        # Short completions rarely end on their own here: an EOS penalty would drown the reward.
+        missing_eos_penalty=None,
+        # Held near 2 nats a response: at a fixed 0.05 the quick demo drifted to 8.9 nats and 89%
+        # boilerplate; at this target it cut toxicity 55% at 1.1 nats (bench/frontier.py).
+        target_kl=2.0,
+        save_every=5,
+        seed=cfg.seed,
+        # The judge the labels came from, on prompts PPO never sees: does the policy game the RM?
+        monitor_judge="nontoxic",
+        monitor_prompts=str(demo_dir / "prompts_monitor.jsonl"),
+        monitor_num_prompts=n_monitor,
+        monitor_every=max(1, steps // (5 if cfg.quick else 10)),
+    )
+    settings.update(overrides)
+    return PPOConfig(**settings)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Prompts -> generate -> label judge (nontoxic) -> reward train -> ppo -> held-out evaluation."""
     from rlhfkit.data import load_prompts, prompt_row, read_rows, write_jsonl
     from rlhfkit.evaluation import gains_and_losses
-    from rlhfkit.ppo.trainer import PPOConfig
     from rlhfkit.reward import RewardTrainConfig
 
     out = Path(cfg.out)
@@ -447,29 +474,15 @@ def run_demo(cfg: DemoConfig) -> dict:
                 epochs=3,
                 learning_rate=1e-3,
                 eval_fraction=0.2,
+                # Mean of the completion's final states: toxicity is spread over the words, and the
+                # last token alone overfits (held-out judge accuracy, docs/measurements.md).
+                pooling="mean",
+                group_by_prompt=False,
             )
         )
 
     with _stage("4/5 PPO against the reward model", "ppo", seconds):
-        ppo_summary = run_ppo_command(
-            PPOConfig(
-                reward=str(out / "reward_model"),
-                prompts=str(out / "prompts_ppo.jsonl"),
-                out=str(out / "ppo"),
-                policy=cfg.model,
-                max_steps=steps,
-                max_new_tokens=cfg.max_new_tokens,
-                # Short completions rarely end on their own here: an EOS penalty would drown the reward.
-                missing_eos_penalty=None,
-                save_every=5,
-                seed=cfg.seed,
-                # The judge the labels came from, on prompts PPO never sees: does the policy game the RM?
-                monitor_judge="nontoxic",
-                monitor_prompts=str(out / "prompts_monitor.jsonl"),
-                monitor_num_prompts=n_monitor,
-                monitor_every=max(1, steps // (5 if cfg.quick else 10)),
-            )
-        )
+        ppo_summary = run_ppo_command(demo_ppo_config(cfg, out, steps, n_monitor))
 
     with _stage("5/5 evaluate base vs tuned on held-out prompts, write the report", "eval", seconds):
         metrics = run_eval(

@@ -34,6 +34,7 @@ ALERT_TEXT = {
     "length_runaway": "response length ran away from its starting level",
     "kl_runaway": "KL from the reference ran away",
     "negative_kl": "KL went negative (sampling and scoring disagree)",
+    "kl_without_reward": "KL kept rising while the penalised reward stayed flat (drift that buys nothing)",
     "diversity_collapse": "diversity collapsed (distinct-2 under its bound)",
 }
 
