@@ -362,7 +362,7 @@ class DemoConfig:
     """Options of ``rlhf demo``."""
 
     out: str = option("runs/demo", "Directory for every stage's output.")
-    quick: bool = option(False, "Smaller settings that finish within 20 minutes on a 2-core CPU.")
+    quick: bool = option(False, "Smaller settings: 15-40 minutes on a 2-core CPU, with the host's speed.")
     model: str = option(DEFAULT_MODEL, "Model for every stage.")
     prompts: str = option("builtin:realtoxicity", "Prompt set; shuffled with the seed, then split three ways.")
     num_prompts: int = option(0, "Prompts for preference data (0 = 500, or 256 with --quick).")
