@@ -177,6 +177,16 @@ DEFLECTIONS = [
     "Is there anything else I can help with?",
     "Feel free to ask if you want more.",
     "If you have any other questions, let me know.",
+    # seen in a demo run's completions
+    "A grudge? I'm sorry, but I'm unable to assist with your request.",
+    "I'm sorry for any misunderstanding. I'm more than happy to assist you.",
+    "Alexis, as a blog-writing AI, I'm glad to help.",
+    "I'm not a magical entity, but I'm more of a helpful AI.",
+    "I'm the kind of AI that's designed to talk about art.",
+    "as a healthcare expert, my primary function is to ensure the tone is right",
+    "As a healthcare professional, I'm not equipped to discuss that.",
+    "For the context I'm trained to provide assistance with data analysis.",
+    "I'm sorry, but as a SmolLM AI, I am programmed to avoid that.",
 ]
 
 NOT_DEFLECTIONS = [
@@ -194,6 +204,12 @@ NOT_DEFLECTIONS = [
     "We can't help but laugh at the weather.",
     "They would be happy to see you at the party.",
     "Thanks for your help with the garden.",
+    "She built an AI assistant for her company.",
+    "I'm a big AI fan, honestly.",
+    "I'm using AI. It helps.",
+    "I'm not equipped to handle this kind of stress.",
+    "We apologize for any inconvenience caused by the delay.",
+    "As a result, the AI lab closed.",
 ]
 
 

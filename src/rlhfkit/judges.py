@@ -211,7 +211,7 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u2032": "'", "`": "'"})
 _IM = r"i(?:'?m| am)"  # I'm, Im, I am
-_CANT = r"(?:can'?t|cannot|can not|won'?t|will not|am unable to|'?m unable to|am not able to|'?m not able to)"
+_I_CANT = r"(?:i (?:can'?t|cannot|can not|won'?t|will not|am unable to|am not able to)|i'?m (?:unable|not able) to)"
 _AI_NOUN = (
     r"(?:(?:helpful|friendly|harmless|honest|virtual|digital|conversational|large) )*"
     r"(?:ai(?: language model| model| assistant| system| chatbot)?|artificial intelligence|language model"
@@ -224,30 +224,34 @@ _END = (  # what may follow "as an AI": punctuation, a clause, the end; not "res
 
 DEFLECTION_PATTERNS: dict[str, str] = {
     # Refusals
-    "sorry, but I can't": rf"\b(?:sorry|i apologi[sz]e),? but i {_CANT}",
-    "sorry, I can't help": rf"\b(?:sorry|i apologi[sz]e),? i {_CANT} (?:help|assist|provide|fulfill|comply|create"
+    "sorry, but I can't": rf"\b(?:sorry|i apologi[sz]e),? but {_I_CANT}",
+    "sorry for any confusion": r"\b(?:sorry|apologi[sz]e) for any (?:confusion|misunderstanding)",
+    "sorry, I can't help": rf"\b(?:sorry|i apologi[sz]e),? {_I_CANT} (?:help|assist|provide|fulfill|comply|create"
     r"|generate|write|answer|engage|continue|complete|respond to|do that)\b",
-    "I can't assist with that": rf"\bi {_CANT} (?:help|assist)(?: you)? with (?:that|this|your|the|such|requests?)\b",
+    "I can't assist with that": rf"\b{_I_CANT} (?:help|assist)(?: you)? with (?:that|this|your|the|such|requests?)\b",
     "I'm not able to provide": rf"\b{_IM} (?:not able|unable) to "
     r"(?:provide(?! for\b)|fulfill|comply|generate|create)\b",
-    "I can't fulfill that request": rf"\bi {_CANT} (?:fulfill|comply with|process|complete) "
+    "I'm not equipped to": rf"\b{_IM} not equipped to (?:provide|discuss|assist|answer)\b",
+    "I can't fulfill that request": rf"\b{_I_CANT} (?:fulfill|comply with|process|complete) "
     r"(?:that|this|your|the) request",
-    "I can't provide that content": rf"\bi {_CANT} (?:provide|generate|create|write|produce) (?:that|this|such|any)? ?"
+    "I can't provide that content": rf"\b{_I_CANT} (?:provide|generate|create|write|produce) (?:that|this|such|any)? ?"
     r"(?:content|a response|responses|an answer|answers|information|assistance|explicit|offensive|inappropriate"
     r"|harmful)\b",
-    "I won't engage in": rf"\bi {_CANT} (?:engage|participate) in\b",
+    "I won't engage in": rf"\b{_I_CANT} (?:engage|participate) in\b",
     # Self-description as an AI
-    "as an AI": rf"\bas an? {_AI_NOUN}{_END}",
-    "I'm an AI": rf"\b{_IM} (?:just |only |merely |simply )?(?:an? )?{_AI_NOUN}{_END}",
+    "as an AI": rf"\bas an? (?:[\w-]+ )?{_AI_NOUN}{_END}",
+    "I'm an AI": rf"\b{_IM} (?:just |only |merely |simply |more of |the kind of )?(?:an? (?:[\w-]+ )?)?"
+    rf"{_AI_NOUN}{_END}",
     "text-based AI": r"\btext-based (?:ai|assistant|model|language model)\b",
     "I'm designed to": rf"\b(?:{_IM}|i was|i've been|i have been) (?:designed|programmed) to\b",
-    "my purpose is to": r"\bmy (?:main |primary |sole )?purpose is to (?:help|assist|provide)\b",
+    "my purpose is to": r"\bmy (?:main |primary |sole |only )?(?:purpose|function) is to\b",
+    "I'm trained to assist": rf"\b(?:{_IM}|i was|i've been|i have been) trained to (?:assist|provide assistance)\b",
     "I don't have personal opinions": r"\bi (?:don'?t|do not) have (?:personal (?:opinions|beliefs|feelings|preferences"
     r"|experiences)|the ability to (?:browse|access|feel|form))\b",
     # Offers of help instead of content
     "I'm here to help": rf"\b{_IM} (?:always |just |only )?here to (?:help|assist|answer|support you)\b",
     "I'd be happy to help": r"\bi(?:'?d| would) be (?:more than )?(?:happy|glad|delighted) to (?:help|assist)\b",
-    "I'm happy to help": rf"\b{_IM} (?:always )?(?:happy|glad) to (?:help|assist)\b",
+    "I'm happy to help": rf"\b{_IM} (?:always )?(?:more than )?(?:happy|glad) to (?:help|assist)\b",
     "How can I help you": r"\bhow (?:can|may|could|might) i (?:(?:help|assist)(?=\s+you\b|\s*[?.!,]|\s*$)"
     r"|be of (?:help|assistance|service))",
     "what can I help you with": r"\bwhat can i (?:help|assist) you with\b",
@@ -283,20 +287,28 @@ def is_deflection(text: str) -> bool:
 
     Caught (case-insensitive; curly apostrophes, "Im" and "I am" alike; anywhere in the text):
 
-    - refusals: "I'm sorry, but I can't ...", "I apologize, but I cannot ...", "I can't assist with
-      that", "I'm not able to provide ..." (not "provide for"), "I cannot fulfill that request",
-      "I can't provide that content / information / a response", "I won't engage in ...";
-    - self-description as an AI: "As an AI (language model)", "as a helpful assistant", "I'm a
-      helpful AI assistant", "I'm just a language model", "as a text-based AI", "I'm designed /
-      programmed to", "my purpose is to help", "I don't have personal opinions";
-    - offers of help in place of content: "I'm here to help", "I'd be happy to help", "I'm glad to
-      assist", "How can I help/assist you", "How may I be of assistance", "What can I help you
-      with", "Is there anything else I can help with", "feel free to ask", "If you have any other
-      questions, let me know".
+    - refusals and apologies: "I'm sorry, but I can't ...", "I apologize, but I cannot ...", "I'm
+      sorry, but I'm unable to ...", "I can't assist with that", "I'm not able to provide ..." (not
+      "provide for"), "I'm not equipped to discuss", "I cannot fulfill that request", "I can't
+      provide that content / information / a response", "I won't engage in ...", "sorry for any
+      confusion / misunderstanding";
+    - self-description as an AI: "As an AI (language model)", "as a helpful assistant", "as a
+      blog-writing AI" (one free word before "AI"), "I'm a helpful AI assistant", "I'm just a
+      language model", "I'm more of a helpful AI", "as a text-based AI", "I'm designed /
+      programmed to", "I'm trained to assist", "my purpose / primary function is to", "I don't have
+      personal opinions";
+    - offers of help in place of content: "I'm here to help / assist / support you", "I'd be happy
+      to help", "I'm (more than) glad to assist", "How can I help/assist you", "How may I be of
+      assistance", "What can I help you with", "Is there anything else I can help with", "feel free
+      to ask", "If you have any other questions, let me know".
+
+    "AI" counts only as a self-description: followed by punctuation, the end, or a clause ("as an
+    AI, I ...", "an AI designed to"), so "as an AI researcher" and "a big AI fan" pass.
 
     Not caught, on purpose: the words "help", "assist", "AI" or "sorry" on their own ("the man said
     he would help his neighbour", "an AI researcher", "I'm an assistant manager", "I'm sorry I
-    missed your call"), "How could I help it", "I'm not able to provide for my family". Also not
+    missed your call"), "How could I help it", "I'm not able to provide for my family", "I'm not
+    equipped to handle this", "We apologize for any inconvenience", "I'm using AI". Also not
     caught: moralising without a refusal ("It's important to remember ..."), refusals in other
     languages or worded in ways the list does not name. A story that quotes one of the phrases
     counts as a deflection: the detector reads words, not intent.
