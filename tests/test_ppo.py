@@ -397,7 +397,7 @@ def test_critic_without_a_reward_head_starts_at_the_mean_score(tmp_path: Path, p
     trainer = PPOTrainer(small_config(prompts, tmp_path / "run", max_steps=1))
     assert float(trainer.core.value_head.weight.detach().abs().sum()) == 0.0
     rollout, _ = trainer.rollout(trainer.stream.take(8))
-    assert float(trainer.core.value_head.bias) == pytest.approx(float(rollout.penalized.mean()), abs=1e-6)
+    assert float(trainer.core.value_head.bias.detach()) == pytest.approx(float(rollout.penalized.mean()), abs=1e-6)
     torch.testing.assert_close(rollout.values, torch.full_like(rollout.values, float(rollout.penalized.mean())))
 
 

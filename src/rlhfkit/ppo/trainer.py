@@ -133,7 +133,7 @@ class PPOConfig:
     reward_threshold: float | None = option(None, "Stop when the moving-average reward reaches this.")
     threshold_window: int = option(5, "Steps in the reward moving average.")
     missing_eos_penalty: float | None = option(
-        -1.0, "EOS penalty for responses cut without EOS (see --eos-penalty-mode; unset = keep their score)."
+        -1.0, "EOS penalty for responses cut without EOS, applied per eos_penalty_mode (unset = keep their score)."
     )
     eos_penalty_mode: str = option(
         "replace", "replace: a cut response's score becomes the penalty; subtract: it is lowered by |penalty| (TRL)."
