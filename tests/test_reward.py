@@ -358,3 +358,53 @@ def test_prompt_grouped_batches_cover_every_pair_once_per_epoch() -> None:
     assert epochs[0] != epochs[1]  # a new order each epoch
     again = PromptGroupedBatches(records, fit, batch_size=16, seed=0)
     assert [list(again), list(again)] == epochs  # seeded
+
+
+def test_fit_linear_probe_solves_the_regularised_objective() -> None:
+    from rlhfkit.reward import fit_linear_probe
+
+    gen = torch.Generator().manual_seed(0)
+    chosen, rejected = torch.randn(512, 3, generator=gen), torch.randn(512, 3, generator=gen)
+    chosen[:, 0] += 2.0  # the first feature tells chosen from rejected
+    w = fit_linear_probe(chosen, rejected, None, l2=0.05)
+    assert w[0] > 0.5 and w[0] > 5 * w[1:].abs().max()
+    v = w.clone().requires_grad_(True)
+    loss = -torch.nn.functional.logsigmoid((chosen - rejected) @ v).mean() + 0.05 * v.pow(2).sum()
+    (grad,) = torch.autograd.grad(loss, v)
+    assert grad.abs().max() < 1e-4  # the optimum, not a step towards it
+
+
+def test_probe_initialised_head_ranks_before_training(tmp_path: Path) -> None:
+    """LP-FT: with --head-init probe the head already separates the pairs; a vanishing learning rate keeps it."""
+    data = synthetic_preferences(tmp_path / "prefs.jsonl", n=120)
+    cfg = RewardTrainConfig(
+        data=str(data),
+        out=str(tmp_path / "rm"),
+        model="tiny-random",
+        trainable_layers=1,
+        epochs=1,
+        learning_rate=1e-9,
+        pooling="mean",
+        head_init="probe",
+    )
+    metrics = train_reward_model(cfg, show_summary=False)
+    assert metrics["eval_accuracy"] >= 0.9 and metrics["train_accuracy"] >= 0.9
+    assert metrics["probe_seconds"] > 0
+    random_head = train_reward_model(
+        RewardTrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "rm2"), "head_init": "random"}), show_summary=False
+    )
+    assert random_head["train_accuracy"] < metrics["train_accuracy"]
+
+
+def test_probe_alone_with_zero_epochs(tmp_path: Path) -> None:
+    data = synthetic_preferences(tmp_path / "prefs.jsonl", n=100)
+    cfg = RewardTrainConfig(
+        data=str(data), out=str(tmp_path / "rm"), model="tiny-random", lora_r=0, epochs=0, head_init="probe"
+    )
+    metrics = train_reward_model(cfg, show_summary=False)
+    assert metrics["epochs"] == 0 and metrics["eval_accuracy"] >= 0.9 and metrics["eval_loss"] is not None
+    model, tok, _ = load_reward_model(tmp_path / "rm")
+    good, bad = score_texts(model, tok, ["Describe it."] * 2, [" ".join(GOOD[:6]), " ".join(BAD[:6])])
+    assert good > bad
+    with pytest.raises(ValueError, match="epochs"):
+        RewardTrainConfig(data="x", out="y", epochs=0)

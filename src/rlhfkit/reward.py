@@ -70,7 +70,7 @@ class RewardTrainConfig:
     data: str = option(REQUIRED, "Preference dataset (TRL or Vertex form; .jsonl/.json/.parquet).", required=True)
     out: str = option(REQUIRED, "Output directory for the reward model.", required=True)
     model: str = option(DEFAULT_MODEL, "Backbone: smollm2-135m, tiny-random, a model directory or org/name.")
-    epochs: int = option(2, "Passes over the training pairs.")
+    epochs: int = option(2, "Passes over the training pairs (0 with --head-init probe: the probe alone).")
     batch_size: int = option(16, "Pairs per optimizer step.")
     learning_rate: float = option(3e-4, "Peak learning rate (linear warmup, then linear decay).")
     warmup_fraction: float = option(0.1, "Fraction of the steps spent warming the learning rate up.")
@@ -96,6 +96,12 @@ class RewardTrainConfig:
         "on them are kept (early stopping). 0 = train on every training pair and keep the last epoch.",
     )
     patience: int = option(0, "With --validation-fraction: stop after N epochs without a better loss (0 = never).")
+    head_init: str = option(
+        "random",
+        "random (small random head) or probe: first fit the head alone on the frozen model's pooled features "
+        "(a linear probe, L-BFGS with L2 --probe-l2), then train adapters and head together (LP-FT).",
+    )
+    probe_l2: float = option(0.1, "L2 penalty of the probe fit by --head-init probe (on the mean Bradley-Terry loss).")
     group_by_prompt: bool = option(
         True,
         "Batch each prompt's pairs together, so a completion shared by several pairs runs once per step "
@@ -103,8 +109,10 @@ class RewardTrainConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.epochs < (0 if self.head_init == "probe" else 1):
+            raise ValueError("epochs must be >= 1 (or 0 with head_init probe)")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not 0 <= self.validation_fraction < 1:
@@ -117,6 +125,8 @@ class RewardTrainConfig:
             raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
         if self.patience < 0:
             raise ValueError("patience must be >= 0")
+        if self.head_init not in ("random", "probe"):
+            raise ValueError(f"head_init must be random or probe, got {self.head_init!r}")
 
 
 def bradley_terry_loss(
@@ -240,6 +250,19 @@ class RewardModel(nn.Module):
     ) -> torch.Tensor:
         hidden = final_hidden(self.trunk, input_ids, attention_mask)
         return self._pool(hidden, attention_mask, completion_start)
+
+    def features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The pooled feature the head reads (no dropout)."""
+        hidden = final_hidden(self.trunk, input_ids, attention_mask)
+        return pool_hidden(hidden, attention_mask, completion_start, self.pooling)
+
+    def features_from_lower(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, completion_start: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        upper = upper_hidden(self.trunk, hidden, attention_mask, self.split)
+        return pool_hidden(upper, attention_mask, completion_start, self.pooling)
 
     def lower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return lower_hidden(self.trunk, input_ids, attention_mask, self.split)
@@ -514,6 +537,23 @@ class _Scorer:
         return self.model(ids, mask, begin)
 
     @torch.no_grad()
+    def features(self, idx: Sequence[int], batch_size: int = 32) -> torch.Tensor:
+        """Pooled features (len(idx), d), each unique sequence run once."""
+        order = sorted(set(idx), key=lambda i: len(self.seqs[i]))
+        out: dict[int, torch.Tensor] = {}
+        for s in range(0, len(order), batch_size):
+            chunk = order[s : s + batch_size]
+            begin = torch.tensor([self.starts[i] for i in chunk])
+            if self.cache is not None:
+                hidden, mask = _pad_hidden([self.cache[i] for i in chunk])
+                feats = self.model.features_from_lower(hidden, mask, begin)
+            else:
+                ids, mask = right_pad([self.seqs[i] for i in chunk], self.pad_id)
+                feats = self.model.features(ids, mask, begin)
+            out.update(zip(chunk, feats, strict=True))
+        return torch.stack([out[i] for i in idx])
+
+    @torch.no_grad()
     def all(self, idx: Sequence[int], batch_size: int = 32) -> torch.Tensor:
         order = sorted(set(idx), key=lambda i: len(self.seqs[i]))  # each unique sequence once
         out = {}
@@ -566,6 +606,27 @@ class PromptGroupedBatches:
         flat = [i for group in order for i in rng.sample(group, len(group))]
         for start in range(0, len(flat), self.batch_size):
             yield flat[start : start + self.batch_size]
+
+
+def fit_linear_probe(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None, l2: float, max_iter: int = 500
+) -> torch.Tensor:
+    """Weights w (d,) minimising ``mean(-log sigmoid(w.(f_chosen - f_rejected) - margin)) + l2 |w|^2``
+    (L-BFGS; the objective is convex, so the result does not depend on a seed). A bias cancels out."""
+    diff = (chosen - rejected).detach().double()
+    m = margin.detach().double() if margin is not None else torch.zeros(len(diff), dtype=torch.float64)
+    w = torch.zeros(diff.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = -F.logsigmoid(diff @ w - m).mean() + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return w.detach().float()
 
 
 def split_for_validation(
@@ -660,10 +721,26 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     scorer = _Scorer(accelerator.unwrap_model(model), seqs, starts, tokenizer.pad_token_id, cache)
 
+    probe_seconds = 0.0
+    if cfg.head_init == "probe":  # LP-FT: the head starts as the best linear probe on the frozen features
+        t0 = time.perf_counter()
+        model.eval()
+        feats = scorer.features(flat(fit_idx))
+        weight = fit_linear_probe(feats[0::2], feats[1::2], margins[fit_idx], cfg.probe_l2)
+        with torch.no_grad():
+            scorer.model.head.weight.copy_(weight[None])
+            scorer.model.head.bias.zero_()
+        probe_seconds = time.perf_counter() - t0
+
     log = (out / "metrics.jsonl").open("w", encoding="utf-8")
     step, train_seconds, eval_metrics, pairs_seen = 0, 0.0, {}, 0
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # (validation loss, epoch, weights)
     epochs_run = 0
+    if val_idx and cfg.head_init == "probe":  # the probe alone is a candidate too ("epoch 0")
+        s = scorer.all(flat(val_idx))
+        val_metrics = _pair_metrics(s[0::2], s[1::2], margins[val_idx])
+        best = (val_metrics["loss"], 0, _trainable_copy(accelerator.unwrap_model(model)))
+        log.write(json.dumps({"step": 0, "epoch": 0, **{f"val_{k}": v for k, v in val_metrics.items()}}) + "\n")
     with progress_bar("reward train") as progress:
         task = progress.add_task("train", total=total_steps, info="")
         for epoch in range(cfg.epochs):
@@ -720,14 +797,14 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
     log.close()
 
     model = accelerator.unwrap_model(model).eval()
-    if best is not None and best[1] != epochs_run:
+    restored = best is not None and best[1] != epochs_run
+    if restored:
         _restore(model, best[2])
-        if eval_idx:
-            s = scorer.all(flat(eval_idx))
-            eval_metrics = _pair_metrics(s[0::2], s[1::2], margins[eval_idx])
     judge_accuracy = None
     if eval_idx:
         s = scorer.all(flat(eval_idx))
+        if restored or epochs_run == 0:
+            eval_metrics = _pair_metrics(s[0::2], s[1::2], margins[eval_idx])
         judge_accuracy = judge_agreement([records[i] for i in eval_idx], s[0::2], s[1::2])
     train_scores = scorer.all(flat(train_idx))
     metrics = {
@@ -745,6 +822,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
         "best_epoch": best[1] if best is not None else epochs_run,
         "validation_loss": best[0] if best is not None else None,
         "cache_seconds": round(cache_seconds, 2),
+        "probe_seconds": round(probe_seconds, 2),
         "train_seconds": round(train_seconds, 2),
         "seconds_per_100_pairs": round(100 * train_seconds / max(1, pairs_seen), 2),
         "wall_seconds": round(time.perf_counter() - started, 2),
