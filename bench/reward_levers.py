@@ -79,6 +79,21 @@ add_combo(
     {**MEAN, "validation_fraction": 0.15, "patience": 2, "epochs": 6},
 )
 
+LPFT = {**MEAN, "head_init": "probe"}
+add_combo("g-mean+lpft", "grouped, mean, LP-FT (head first fit as an L2 probe)", LPFT)
+add_combo("g-mean+lpft+lr3e-4", "grouped, mean, LP-FT, lr 3e-4", {**LPFT, "learning_rate": 3e-4})
+add_combo("g-mean+lpft+ep1", "grouped, mean, LP-FT, 1 epoch", {**LPFT, "epochs": 1})
+add_combo(
+    "g-mean+lpft+es",
+    "grouped, mean, LP-FT, early stopping (15%, patience 1; the probe alone is epoch 0), up to 3 epochs",
+    {**LPFT, "validation_fraction": 0.15, "patience": 1},
+)
+add_combo(
+    "probe-lbfgs",
+    "linear probe alone (no LoRA), mean pooling, L-BFGS with L2 0.1 (--lora-r 0 --head-init probe --epochs 0)",
+    {"lora_r": 0, "pooling": "mean", "head_init": "probe", "epochs": 0},
+)
+
 
 def run(names: list[str], modes: list[str], seeds: list[int], folds: int) -> None:
     harness = Harness()

@@ -70,7 +70,7 @@ class RewardTrainConfig:
     data: str = option(REQUIRED, "Preference dataset (TRL or Vertex form; .jsonl/.json/.parquet).", required=True)
     out: str = option(REQUIRED, "Output directory for the reward model.", required=True)
     model: str = option(DEFAULT_MODEL, "Backbone: smollm2-135m, tiny-random, a model directory or org/name.")
-    epochs: int = option(2, "Passes over the training pairs (0 with --head-init probe: the probe alone).")
+    epochs: int = option(2, "Passes over the training pairs (0 with a probe head init: the probe alone).")
     batch_size: int = option(16, "Pairs per optimizer step.")
     learning_rate: float = option(3e-4, "Peak learning rate (linear warmup, then linear decay).")
     warmup_fraction: float = option(0.1, "Fraction of the steps spent warming the learning rate up.")
@@ -99,7 +99,7 @@ class RewardTrainConfig:
     head_init: str = option(
         "random",
         "random (small random head) or probe: first fit the head alone on the frozen model's pooled features "
-        "(a linear probe, L-BFGS with L2 --probe-l2), then train adapters and head together (LP-FT).",
+        "(a linear probe, L-BFGS with an L2 penalty), then train adapters and head together (LP-FT).",
     )
     probe_l2: float = option(0.1, "L2 penalty of the probe fit by --head-init probe (on the mean Bradley-Terry loss).")
     group_by_prompt: bool = option(
