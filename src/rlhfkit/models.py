@@ -306,6 +306,30 @@ def lora_config(model: nn.Module, r: int, alpha: int, first_layer: int = 0):
     )
 
 
+def build_trunk(
+    base: nn.Module, full: bool, lora_r: int, lora_alpha: int, trainable_layers: int, adapter_name: str = "default"
+) -> tuple[nn.Module, int]:
+    """The one trunk wiring every trainer uses: ``(trunk, split)``.
+
+    - ``full``: every weight of ``base`` trains; ``split`` 0.
+    - ``lora_r == 0``: nothing in the trunk trains (a linear probe's frozen features); ``split`` is
+      the layer count, so the whole decoder output can be computed once.
+    - otherwise LoRA (adapter ``adapter_name``) on the top ``trainable_layers`` layers (0 = all);
+      ``split`` is the first adapted layer: the frozen layers below it run once and are reused.
+    """
+    n_layers = num_layers(base)
+    if full:
+        return base.requires_grad_(True), 0
+    base.requires_grad_(False)
+    if lora_r == 0:
+        return base, n_layers
+    from peft import get_peft_model
+
+    split = n_layers - (n_layers if trainable_layers == 0 else min(trainable_layers, n_layers))
+    config = lora_config(base, lora_r, lora_alpha, first_layer=split)
+    return get_peft_model(base, config, adapter_name=adapter_name), split
+
+
 class _StopForward(Exception):
     def __init__(self, hidden: torch.Tensor) -> None:
         self.hidden = hidden

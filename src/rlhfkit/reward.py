@@ -47,13 +47,12 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import encode_prompts
 from rlhfkit.models import (
     DEFAULT_MODEL,
+    build_trunk,
     final_hidden,
     last_token_index,
     load_causal_lm,
     load_tokenizer,
-    lora_config,
     lower_hidden,
-    num_layers,
     trainable_state,
     upper_hidden,
 )
@@ -671,20 +670,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
 
     tokenizer = load_tokenizer(cfg.model)
     base = load_causal_lm(cfg.model)
-    n_layers = num_layers(base)
-    trainable_layers = n_layers if cfg.trainable_layers == 0 else min(cfg.trainable_layers, n_layers)
-    if cfg.full:
-        trunk, split = base, 0
-        trunk.requires_grad_(True)
-    elif cfg.lora_r == 0:
-        trunk, split = base, n_layers
-        base.requires_grad_(False)
-    else:
-        from peft import get_peft_model
-
-        split = n_layers - trainable_layers
-        base.requires_grad_(False)
-        trunk = get_peft_model(base, lora_config(base, cfg.lora_r, cfg.lora_alpha, first_layer=split))
+    trunk, split = build_trunk(base, cfg.full, cfg.lora_r, cfg.lora_alpha, cfg.trainable_layers)
     head = new_head(base.config.hidden_size, cfg.seed)
     model = RewardModel(trunk, head, split, pooling=cfg.pooling, head_dropout=cfg.head_dropout)
 
