@@ -21,7 +21,7 @@ def main() -> None:
     prepared = json.loads(Path(sys.argv[2]).read_text())
     out = Path(sys.argv[3])
 
-    from rlhfkit.ppo.trainer import PPOConfig, PPOTrainer
+    from rlhfkit.rl.ppo import PPOConfig, PPOTrainer
 
     s = settings
     cfg = PPOConfig(

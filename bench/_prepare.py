@@ -192,7 +192,7 @@ def prepare_ppo(s: dict[str, Any], work: Path) -> dict[str, Any]:
     from rlhfkit.data import load_prompts, prompt_row, write_jsonl
     from rlhfkit.generation import encode_prompts
     from rlhfkit.models import load_tokenizer, resolve_model_path
-    from rlhfkit.ppo.trainer import PromptStream
+    from rlhfkit.rl.rollout import PromptStream
 
     model_path = resolve_model_path(s["model"])
     prefs = preference_data(s)

@@ -1,6 +1,6 @@
 """The toxicity-vs-KL frontier of the quick demo's PPO stage, at several KL settings.
 
-Runs the demo's own PPO stage (``rlhfkit.cli.demo_ppo_config``: same prompts, reward model, steps
+Runs the demo's own PPO stage (``rlhfkit.demo.demo_rl_config``: same prompts, reward model, steps
 and sampling; the reward-hacking monitor off) once per KL setting, from one shared reward model,
 then evaluates every run beside the base on the held-out prompts in one `rlhf eval` pass (same
 sampling seed for all) and prints a table: toxicity and its relative cut, KL from the base,
@@ -49,8 +49,9 @@ def point_overrides(point: str) -> dict:
 
 
 def run_point(data: Path, folder: Path, point: str, steps: int) -> dict:
-    from rlhfkit.cli import DemoConfig, demo_ppo_config
-    from rlhfkit.ppo.trainer import PPOConfig, latest_checkpoint, run_ppo
+    from rlhfkit.demo import DemoConfig, demo_rl_config
+    from rlhfkit.rl.ppo import PPOConfig, run_ppo
+    from rlhfkit.rundir import latest_checkpoint
 
     demo = DemoConfig(out=str(data), quick=True)
     if (folder / "adapter" / "adapter_config.json").exists():
@@ -59,7 +60,7 @@ def run_point(data: Path, folder: Path, point: str, steps: int) -> dict:
         run_ppo(PPOConfig(resume=str(folder)))
     else:
         overrides = {"out": str(folder), "monitor_judge": "", "monitor_prompts": "", "save_every": 10}
-        run_ppo(demo_ppo_config(demo, data, steps, 16, **overrides, **point_overrides(point)))
+        run_ppo(demo_rl_config(demo, data, steps, 16, **overrides, **point_overrides(point)))
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {
         "train_kl_last5": sum(r["kl"] for r in rows[-5:]) / min(5, len(rows)),

@@ -53,7 +53,7 @@ def child_ppo(args: argparse.Namespace) -> None:
     import torch
 
     from rlhfkit.data import write_jsonl
-    from rlhfkit.ppo.trainer import PPOConfig, PPOTrainer
+    from rlhfkit.rl.ppo import PPOConfig, PPOTrainer
 
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="ppo-bench-"))

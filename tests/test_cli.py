@@ -108,7 +108,7 @@ def _flag(name: str) -> str:
 def test_command_tree_is_complete() -> None:
     paths = {" ".join(p) for p, _ in COMMANDS}
     assert {"data check", "data builtins", "generate", "label judge", "reward train", "reward eval"} <= paths
-    assert {"reward score", "demo"} <= paths
+    assert {"reward score", "demo", "ppo", "grpo", "rloo"} <= paths
     config_paths = {" ".join(p) for p, _, _ in CONFIG_COMMANDS}
     assert {"generate", "label judge", "reward train", "reward eval", "reward score", "demo"} <= config_paths
 

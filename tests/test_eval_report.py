@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from rlhfkit.cli import app
 from rlhfkit.data import write_jsonl
 from rlhfkit.generation import SamplingParams
-from rlhfkit.ppo.trainer import PPOConfig, run_ppo
+from rlhfkit.rl.ppo import PPOConfig, run_ppo
 
 ASSETS = Path(__file__).parent / "assets" / "token_reward.py"
 CHROMIUM = "/usr/bin/chromium"

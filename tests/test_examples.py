@@ -6,10 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from rlhfkit.cli import DemoConfig, EvalConfig, GenerateConfig, LabelJudgeConfig
+from rlhfkit.cli import EvalConfig, GenerateConfig, LabelJudgeConfig
 from rlhfkit.config import load_yaml_config, resolve_config
-from rlhfkit.ppo.trainer import PPOConfig
+from rlhfkit.demo import DemoConfig
 from rlhfkit.reward import RewardTrainConfig
+from rlhfkit.rl.grpo import GRPOConfig
+from rlhfkit.rl.ppo import PPOConfig
+from rlhfkit.rl.rloo import RLOOConfig
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 CONFIGS = {
@@ -17,6 +20,8 @@ CONFIGS = {
     "label_judge.yaml": LabelJudgeConfig,
     "reward_train.yaml": RewardTrainConfig,
     "ppo.yaml": PPOConfig,
+    "grpo.yaml": GRPOConfig,
+    "rloo.yaml": RLOOConfig,
     "demo_quick.yaml": DemoConfig,
     "eval.yaml": EvalConfig,
 }

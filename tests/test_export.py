@@ -14,7 +14,7 @@ from rlhfkit.config import save_config
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import SamplingParams, encode_prompts, left_pad, sample_responses
 from rlhfkit.models import load_causal_lm, load_tokenizer, lora_config
-from rlhfkit.ppo.trainer import PPOConfig
+from rlhfkit.rl.ppo import PPOConfig
 from rlhfkit.serving.commands import register
 from rlhfkit.serving.export import export_adapter
 from rlhfkit.serving.server import ServeEngine

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from rlhfkit.ppo.monitor import (
+from rlhfkit.rl.monitor import (
     detect,
     diversity_collapse,
     kl_runaway,
@@ -146,7 +146,7 @@ ASSETS = Path(__file__).parent / "assets" / "token_reward.py"
 
 def test_stop_on_hacking_keeps_the_monitors_best_weights(tmp_path: Path) -> None:
     from rlhfkit.data import write_jsonl
-    from rlhfkit.ppo.trainer import PPOConfig, run_ppo
+    from rlhfkit.rl.ppo import PPOConfig, run_ppo
 
     prompts = tmp_path / "prompts.jsonl"
     topics = ["the sea", "a city", "music", "bread"] * 8

@@ -18,8 +18,9 @@ from rlhfkit.data import write_jsonl
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import SamplingParams, left_pad
 from rlhfkit.models import load_causal_lm, load_tokenizer
-from rlhfkit.ppo.trainer import PolicyAndValue, PPOConfig, PPOTrainer, response_logprobs, run_ppo
 from rlhfkit.reward import new_head, right_pad
+from rlhfkit.rl.ppo import PPOConfig, PPOTrainer, run_ppo
+from rlhfkit.rl.roles import Roles, response_logprobs
 
 TOKEN_REWARD = f"{Path(__file__).parent / 'assets' / 'token_reward.py'}:favoured_share"
 
@@ -58,7 +59,7 @@ def small_config(prompts: Path, out: Path, **overrides: object) -> PPOConfig:
 
 def test_padded_and_unpadded_sequences_get_the_same_logprobs() -> None:
     model, tok = load_causal_lm("tiny-random"), load_tokenizer("tiny-random")
-    policy = PolicyAndValue(model, new_head(model.config.hidden_size, 0), split=0)
+    policy = Roles(model, new_head(model.config.hidden_size, 0), split=0)
     queries = [tok("a fairly long prompt with many words in it")["input_ids"], tok("short")["input_ids"]]
     responses = [tok(" one two three four")["input_ids"], tok(" five")["input_ids"]]
     q_ids, q_mask = left_pad(queries, tok.pad_token_id)
@@ -369,7 +370,7 @@ def _policy_state(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
 def test_value_loss_alone_never_moves_the_policy(tmp_path: Path, prompts: Path, monkeypatch) -> None:
     """The value function has its own adapter: with the policy loss switched off, a step changes the
     critic and leaves every policy weight (and so the KL) exactly where it was."""
-    import rlhfkit.ppo.trainer as trainer_module
+    import rlhfkit.rl.ppo as trainer_module
 
     real = trainer_module.policy_loss
 
@@ -468,3 +469,20 @@ def test_value_adapter_starts_as_the_reward_adapter(tmp_path: Path, prompts: Pat
         assert torch.equal(params[key.replace(".reward.", ".value.")], params[key]), key
     assert all(params[k.replace(".reward.", ".value.")].requires_grad for k in reward_keys)
     assert not any(params[k].requires_grad for k in reward_keys)
+
+
+def test_metrics_unchanged_by_the_trainer_redesign(tmp_path: Path, prompts: Path) -> None:
+    """The PPO loop moved from one 1100-line trainer into ``rlhfkit.rl`` (roles, rollout, scoring, run,
+    ppo); the asset holds the metrics the old trainer wrote for this exact run (seeded, adaptive KL
+    controller on): every number must come out the same."""
+    expected = json.loads((Path(__file__).parent / "assets" / "ppo_metrics_before_redesign.json").read_text())
+    cfg = small_config(prompts, tmp_path / "run", max_steps=3, save_every=0, target_kl=1.0, kl_horizon=2.0)
+    run_ppo(cfg)
+    rows = [
+        {k: v for k, v in r.items() if not k.startswith("time_") and k != "seconds"}
+        for r in read_metrics(Path(cfg.out))
+    ]
+    assert [sorted(r) for r in rows] == [sorted(r) for r in expected]
+    for row, want in zip(rows, expected, strict=True):
+        for key, value in want.items():
+            assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (row["step"], key)

@@ -28,7 +28,7 @@ from rlhfkit.config import save_config
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import SamplingParams, encode_prompts, left_pad, sample_batch
 from rlhfkit.models import load_causal_lm, load_tokenizer, lora_config
-from rlhfkit.ppo.trainer import PPOConfig
+from rlhfkit.rl.ppo import PPOConfig
 from rlhfkit.serving.commands import parse_adapter_specs, register
 from rlhfkit.serving.server import APIError, Job, ServeEngine, _held_back, create_app
 

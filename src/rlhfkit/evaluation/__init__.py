@@ -33,8 +33,8 @@ from rlhfkit.evaluation.fluency import SCORER, Nll, completion_nll, corpus_ppl
 from rlhfkit.generation import SamplingParams, encode_prompts, left_pad, sample_batch
 from rlhfkit.judges import distinct_n, is_deflection, load_judge, toxicity
 from rlhfkit.models import final_hidden, load_causal_lm, load_tokenizer
-from rlhfkit.ppo.trainer import response_logprobs
 from rlhfkit.reward import load_reward_model, score_texts
+from rlhfkit.rl.roles import response_logprobs
 
 Z95 = 1.959963984540054
 LOWER_IS_BETTER = {"toxicity"}

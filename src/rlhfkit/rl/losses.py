@@ -1,9 +1,13 @@
-"""The PPO-for-RLHF formulas, each a small pure function tested against a hand computation.
+"""The RLHF formulas of every online algorithm, each a small pure function tested against a hand computation.
 
 Shapes: ``(batch, response_len)`` per-token tensors with a 0/1 ``mask`` that is 1 on real response
-tokens (the EOS included) and 0 on the padding after it. References: Ziegler et al. (2019),
-Stiennon et al. (2020) and the checklist of Huang et al. (2024), "The N+ Implementation Details of
-RLHF with PPO".
+tokens (the EOS included) and 0 on the padding after it; group algorithms lay a batch out prompt by
+prompt, ``k`` completions each (rows ``[p0 c0, p0 c1, ..., p1 c0, ...]``).
+
+References: PPO: Ziegler et al. (2019), Stiennon et al. (2020) and the checklist of Huang et al.
+(2024), "The N+ Implementation Details of RLHF with PPO". GRPO: Shao et al. (2024, DeepSeekMath),
+DAPO (Yu et al. 2025), Dr. GRPO (Liu et al. 2025), as TRL's ``GRPOTrainer`` documents them. RLOO:
+Ahmadian et al. (2024), "Back to Basics".
 """
 
 from __future__ import annotations
@@ -193,3 +197,113 @@ class KLController:
     def load_state_dict(self, state: dict) -> None:
         self.value, self.target, self.horizon = state["value"], state["target"], state["horizon"]
         self.floor = state.get("floor", self.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Group advantages (GRPO, RLOO): the other completions of the same prompt are the baseline
+
+
+def group_advantages(rewards: torch.Tensor, k: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantage of each of ``k`` completions per prompt: reward minus its group's mean, scaled.
+
+    ``scale``: ``group`` divides by the group's std (+ ``eps``), ``batch`` by the whole batch's std,
+    ``none`` not at all (Dr. GRPO: the std division over-weights near-unanimous groups).
+    """
+    grouped = rewards.view(-1, k)
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+    if scale == "group":
+        std = grouped.std(dim=1).repeat_interleave(k) if k > 1 else torch.zeros_like(rewards)
+        return centred / (std + eps)
+    if scale == "batch":
+        std = rewards.std() if rewards.numel() > 1 else torch.zeros(())
+        return centred / (std + eps)
+    if scale == "none":
+        return centred
+    raise ValueError(f"unknown reward scaling {scale!r} (expected group, batch or none)")
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """RLOO's advantage: each reward minus the mean of the other ``k - 1`` rewards of its prompt."""
+    if k < 2:
+        raise ValueError("the leave-one-out baseline needs k >= 2 completions per prompt")
+    grouped = rewards.view(-1, k)
+    others = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - others).view(-1)
+
+
+def zero_variance_share(rewards: torch.Tensor, k: int) -> float:
+    """Share of prompts whose ``k`` rewards are all equal: groups that carry no learning signal."""
+    grouped = rewards.view(-1, k)
+    return float(((grouped.max(dim=1).values - grouped.min(dim=1).values) < 1e-6).float().mean())
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+    beta: float,
+    loss_type: str,
+    max_tokens: int,
+    tokens_in_batch: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's clipped per-token objective with a k3 KL penalty to the reference; also clip share and KL.
+
+    Per token: ``-min(r A, clip(r, 1 - epsilon_low, 1 + epsilon_high) A) + beta * k3`` with ``r`` the
+    ratio to the sampling policy and ``A`` the sequence's advantage. Aggregation (``loss_type``):
+
+    - ``grpo``: mean over each sequence's tokens, then over sequences (long answers weigh less per token);
+    - ``dapo``: sum over every token of the batch / the batch's token count (``tokens_in_batch``, the
+      whole rollout batch's when the loss is split into mini-batches; default this mini-batch's);
+    - ``dr_grpo``: sum over every token / (sequences x ``max_tokens``): no length bias at all.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    adv = advantages[:, None]
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    kl = kl_per_token(logprobs, ref_logprobs, "k3") if ref_logprobs is not None else torch.zeros_like(logprobs)
+    if beta != 0.0:
+        per_token = per_token + beta * kl
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif loss_type == "dapo":
+        loss = (per_token * mask).sum() / (tokens_in_batch if tokens_in_batch else mask.sum().clamp(min=1))
+    elif loss_type == "dr_grpo":
+        loss = (per_token * mask).sum() / (mask.shape[0] * max_tokens)
+    else:
+        raise ValueError(f"unknown loss type {loss_type!r} (expected grpo, dapo or dr_grpo)")
+    stats = {
+        "clip_frac": masked_mean((clipped < unclipped).float(), mask),  # the clipped term is the one used
+        "approx_kl": 0.5 * masked_mean(log_ratio**2, mask),
+        "kl_ref": masked_mean(kl, mask),
+    }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def sequence_clip_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """RLOO's objective: the whole response is one action, so one ratio per sequence, clipped.
+
+    ``r = exp(sum_t (log pi - log pi_old))``, loss ``-mean(min(r A, clip(r, 1 - epsilon_low, 1 + epsilon_high) A))``.
+    """
+    seq_log_ratio = ((logprobs - old_logprobs) * mask).sum(-1)
+    ratio = torch.exp(seq_log_ratio)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high) * advantages
+    loss = -torch.minimum(unclipped, clipped).mean()
+    stats = {
+        "clip_frac": (clipped < unclipped).float().mean(),
+        "approx_kl": 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask),
+    }
+    return loss, {k: v.detach() for k, v in stats.items()}

@@ -7,19 +7,24 @@ import math
 import pytest
 import torch
 
-from rlhfkit.ppo.core import (
+from rlhfkit.rl.losses import (
     KLController,
     apply_eos_penalty,
     entropy_from_logits,
     explained_variance,
     gae,
+    group_advantages,
+    grpo_loss,
     kl_per_token,
+    leave_one_out_advantages,
     masked_mean,
     masked_var,
     policy_loss,
+    sequence_clip_loss,
     token_rewards,
     value_loss,
     whiten,
+    zero_variance_share,
 )
 
 
@@ -170,3 +175,82 @@ def test_eos_penalty_replace_and_subtract() -> None:
     close(apply_eos_penalty(scores, ended, None), [0.5, -0.2, 1.0])
     with pytest.raises(ValueError, match="replace or subtract"):
         apply_eos_penalty(scores, ended, -1.0, "clip")
+
+
+# ----------------------------------------------------------------------------------------------
+# Group algorithms (GRPO, RLOO)
+
+
+def test_group_advantages_by_hand() -> None:
+    rewards = torch.tensor([1.0, 3.0, 2.0, 2.0])  # two prompts, k = 2
+    # group means 2 and 2; group stds (unbiased) sqrt(2) and 0
+    close(group_advantages(rewards, 2, "none"), [-1.0, 1.0, 0.0, 0.0])
+    s = math.sqrt(2.0)
+    close(group_advantages(rewards, 2, "group"), [-1 / (s + 1e-4), 1 / (s + 1e-4), 0.0, 0.0])
+    batch_std = math.sqrt(((1 - 2) ** 2 + (3 - 2) ** 2 + 0 + 0) / 3)  # batch mean 2
+    close(group_advantages(rewards, 2, "batch"), [-1 / (batch_std + 1e-4), 1 / (batch_std + 1e-4), 0.0, 0.0])
+    with pytest.raises(ValueError, match="reward scaling"):
+        group_advantages(rewards, 2, "max")
+
+
+def test_leave_one_out_baseline_by_hand() -> None:
+    rewards = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])  # two prompts, k = 3
+    # 1 - (2+6)/2 = -3; 2 - (1+6)/2 = -1.5; 6 - (1+2)/2 = 4.5; 0 - 1.5; 0 - 1.5; 3 - 0
+    close(leave_one_out_advantages(rewards, 3), [-3.0, -1.5, 4.5, -1.5, -1.5, 3.0])
+    with pytest.raises(ValueError, match="k >= 2"):
+        leave_one_out_advantages(rewards, 1)
+
+
+def test_zero_variance_share_counts_flat_groups() -> None:
+    assert zero_variance_share(torch.tensor([1.0, 1.0, 0.0, 2.0, 5.0, 5.0]), 2) == pytest.approx(2 / 3)
+
+
+def _grpo_inputs() -> tuple[torch.Tensor, ...]:
+    # two sequences: lengths 2 and 1 (max 3 tokens)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    old = torch.zeros(2, 3)
+    new = torch.tensor([[math.log(1.5), 0.0, 0.0], [math.log(0.5), 0.0, 0.0]])  # ratios 1.5, 1 | 0.5
+    advantages = torch.tensor([1.0, -2.0])
+    return new, old, advantages, mask
+
+
+def test_grpo_loss_aggregations_by_hand() -> None:
+    new, old, adv, mask = _grpo_inputs()
+    # per token -min(r A, clip(r, 0.8, 1.2) A): seq 0: A=1, r=1.5 -> -min(1.5, 1.2) = -1.2; r=1 -> -1
+    # seq 1: A=-2, r=0.5 -> -min(-1, 0.8 * -2 = -1.6) = 1.6
+    args = (new, old, None, adv, mask, 0.2, 0.2, 0.0)
+    loss, stats = grpo_loss(*args, "grpo", 3)
+    assert float(loss) == pytest.approx(((-1.2 - 1.0) / 2 + 1.6) / 2)
+    loss, _ = grpo_loss(*args, "dapo", 3)
+    assert float(loss) == pytest.approx((-1.2 - 1.0 + 1.6) / 3)
+    loss, _ = grpo_loss(*args, "dapo", 3, tokens_in_batch=6.0)  # the whole batch's token count
+    assert float(loss) == pytest.approx((-1.2 - 1.0 + 1.6) / 6)
+    loss, _ = grpo_loss(*args, "dr_grpo", 3)
+    assert float(loss) == pytest.approx((-1.2 - 1.0 + 1.6) / (2 * 3))
+    assert float(stats["clip_frac"]) == pytest.approx(2 / 3)  # tokens 1 and 3 use the clipped term
+    with pytest.raises(ValueError, match="loss type"):
+        grpo_loss(*args, "sum", 3)
+
+
+def test_grpo_loss_clip_higher_and_k3_kl_by_hand() -> None:
+    new, old, adv, mask = _grpo_inputs()
+    # epsilon_high 0.6: seq 0 token 0 keeps r = 1.5 (-1.5 instead of -1.2)
+    loss, _ = grpo_loss(new, old, None, adv, mask, 0.2, 0.6, 0.0, "dapo", 3)
+    assert float(loss) == pytest.approx((-1.5 - 1.0 + 1.6) / 3)
+    # k3 to the reference: ref = old (log ratio to ref = new): k3 = exp(-x) - 1 + x
+    k3 = [math.exp(-math.log(1.5)) - 1 + math.log(1.5), 0.0, math.exp(-math.log(0.5)) - 1 + math.log(0.5)]
+    loss, stats = grpo_loss(new, old, old, adv, mask, 0.2, 0.2, 0.1, "dapo", 3)
+    assert float(loss) == pytest.approx((-1.2 - 1.0 + 1.6 + 0.1 * sum(k3)) / 3)
+    assert float(stats["kl_ref"]) == pytest.approx(sum(k3) / 3)
+
+
+def test_sequence_clip_loss_by_hand() -> None:
+    new, old, adv, mask = _grpo_inputs()
+    # sequence ratios: exp(log 1.5 + 0) = 1.5 and 0.5; -min(1.5 * 1, 1.2 * 1) = -1.2; -min(-1, -1.6) = 1.6
+    loss, stats = sequence_clip_loss(new, old, adv, mask, 0.2, 0.2)
+    assert float(loss) == pytest.approx((-1.2 + 1.6) / 2)
+    assert float(stats["clip_frac"]) == pytest.approx(1.0)
+    # the padding position's log-prob never counts
+    padded = new.clone()
+    padded[0, 2] = 5.0
+    assert float(sequence_clip_loss(padded, old, adv, mask, 0.2, 0.2)[0]) == pytest.approx(float(loss))

@@ -1,8 +1,10 @@
-"""Reward-hacking detectors: the failure modes PPO users report most, read off the metric log.
+"""The reward-hacking monitor: an independent judge on fixed held-out prompts, and detectors of the
+failure modes RL users report most, read off the metric log.
 
-Each detector is a pure function of the rows ``rlhf ppo`` writes to ``metrics.jsonl`` (one dict per
-step; monitor keys only on the steps the monitor ran), so they can be tested on synthetic curves
-and re-run on any finished run. They return an :class:`Alert` or ``None``:
+``Monitor`` samples the same held-out batch with the same dice every time it runs and scores it with
+a judge that is not the reward. Each detector is a pure function of the rows a trainer writes to
+``metrics.jsonl`` (one dict per step; monitor keys only on the steps the monitor ran), so they can
+be tested on synthetic curves and re-run on any finished run. They return an :class:`Alert` or ``None``:
 
 - ``reward_up_monitor_down``: over the last ``window`` monitor evaluations the training reward rose
   while the independent judge fell by at least ``drop`` (the policy games the reward model);
@@ -24,6 +26,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import torch
+
+from rlhfkit.data import load_prompts, prompt_text
+from rlhfkit.generation import SamplingParams, encode_prompts, left_pad, sample_batch
+from rlhfkit.judges import distinct_n, load_judge
 
 NEGATIVE_KL = -1.0
 """Mean sequence KL below this is not noise: the estimator or the sampling is broken."""
@@ -179,3 +187,33 @@ def detect(
         diversity_collapse(rows, window, min_distinct_2, distinct_2_ratio),
     ]
     return [a for a in found if a is not None]
+
+
+class Monitor:
+    """The independent judge on a fixed held-out batch, sampled with the same dice at every run."""
+
+    def __init__(self, judge: str, prompts: str, num_prompts: int, tokenizer, max_prompt_tokens: int) -> None:
+        self.judge = load_judge(judge)
+        held = load_prompts(prompts)[:num_prompts]
+        self.texts = [prompt_text(r.prompt) for r in held]
+        self.queries = [ids[-max_prompt_tokens:] for ids in encode_prompts(tokenizer, [r.prompt for r in held])]
+        self.tokenizer = tokenizer
+
+    @torch.no_grad()
+    def run(self, policy: torch.nn.Module, params: SamplingParams, batch_size: int, seed: int) -> dict[str, float]:
+        policy.eval()
+        texts: list[str] = []
+        lengths: list[float] = []
+        with torch.random.fork_rng():  # the training run's random stream stays untouched (resume)
+            torch.manual_seed(seed + 1)
+            for start in range(0, len(self.queries), batch_size):
+                ids, mask = left_pad(self.queries[start : start + batch_size], self.tokenizer.pad_token_id)
+                batch = sample_batch(policy, self.tokenizer, ids, mask, params)
+                texts += batch.texts
+                lengths += batch.lengths.float().tolist()
+        scores = self.judge(self.texts, texts)
+        return {
+            "monitor_score": sum(scores) / len(scores),
+            "monitor_distinct_2": distinct_n(texts, 2),
+            "monitor_length": sum(lengths) / len(lengths),
+        }

@@ -1,0 +1,140 @@
+"""GRPO: critic-free RL from groups of completions per prompt (Shao et al. 2024), as TRL documents it.
+
+Recipe features:
+
+- ``num_generations`` completions per prompt; each one's advantage is its reward minus its group's
+  mean, divided by the group's std (``scale_rewards group``), the batch's (``batch``) or nothing
+  (``none``, Dr. GRPO). Every token of a completion shares its advantage.
+- Clipped per-token ratio to the sampling policy (``epsilon``, and ``epsilon_high`` for DAPO's
+  asymmetric "clip higher"), KL to the frozen reference as a k3 term in the loss (``beta``; 0 =
+  none, the KL is still measured and logged), aggregation ``loss_type`` ``grpo`` | ``dapo`` | ``dr_grpo``.
+- ``num_iterations`` passes over each batch in mini-batches of ``mini_batch_size`` completions.
+- Groups whose completions all scored the same carry no signal: their share is logged
+  (``zero_variance_groups``) and a step where every group is flat skips its update, with a warning.
+- Everything else as ``rlhf ppo``: roles on one base with the frozen lower layers run once per
+  rollout, reward model / judge / function, EOS penalty, monitor, checkpoints and exact resume.
+
+Limits: no critic means no per-token credit: a long answer's tokens share one advantage. One
+process is what is tested.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from rlhfkit.config import option
+from rlhfkit.rl.losses import group_advantages, grpo_loss, kl_per_token, zero_variance_share
+from rlhfkit.rl.run import OnlineTrainer, RLConfig, run_online
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """Options of ``rlhf grpo``."""
+
+    batch_size: int = option(4, "Prompts per step; each gets num_generations completions.")
+    num_generations: int = option(8, "Completions per prompt (the group), as TRL.")
+    mini_batch_size: int = option(8, "Completions per gradient step.")
+    num_iterations: int = option(1, "Passes over each batch (TRL's mu).")
+    beta: float = option(0.04, "Weight of the k3 KL to the reference in the loss (0 = none; TRL 1.x defaults to 0).")
+    epsilon: float = option(0.2, "Ratio clip, lower side (and upper side unless epsilon_high is set).")
+    epsilon_high: float | None = option(None, "Ratio clip, upper side (DAPO's clip-higher; unset = epsilon).")
+    scale_rewards: str = option("group", "Advantage scaling: group (std of the group), batch, or none (Dr. GRPO).")
+    loss_type: str = option(
+        "dapo", "Loss aggregation: grpo (per sequence), dapo (per token), dr_grpo (per max length)."
+    )
+
+    def checks(self) -> dict[str, bool]:
+        return {
+            **super().checks(),
+            "num_generations must be >= 2 (a group needs others to compare with)": self.num_generations >= 2,
+            "mini_batch_size must be >= 1": self.mini_batch_size >= 1,
+            "num_iterations must be >= 1": self.num_iterations >= 1,
+            "beta must be >= 0": self.beta >= 0,
+            "epsilon must be in (0, 1)": 0 < self.epsilon < 1,
+            "epsilon_high must be > 0": self.epsilon_high is None or self.epsilon_high > 0,
+            "scale_rewards must be group, batch or none": self.scale_rewards in ("group", "batch", "none"),
+            "loss_type must be grpo, dapo or dr_grpo": self.loss_type in ("grpo", "dapo", "dr_grpo"),
+        }
+
+
+class GRPOTrainer(OnlineTrainer):
+    algo = "grpo"
+
+    def __init__(self, cfg: GRPOConfig, accelerator: Any = None) -> None:
+        super().__init__(cfg, critic=False, group_size=cfg.num_generations, accelerator=accelerator)
+        self.cfg: GRPOConfig = cfg
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        k = cfg.num_generations
+        epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+        with self.running():
+            while self.step < cfg.max_steps:
+                started = time.perf_counter()
+                # 1. Rollout: k completions per prompt, scored (EOS rule applied), with the sampling
+                #    policy's and the reference's log-probs of every response token.
+                r, timing = self.rollout(self.stream.take(cfg.batch_size))
+                t0 = time.perf_counter()
+                mask = r.response_mask
+                n = r.ids.shape[0]
+                # 2. Group advantages: each completion against the other completions of its prompt.
+                advantages = group_advantages(r.penalized, k, cfg.scale_rewards)
+                flat_groups = zero_variance_share(r.penalized, k)
+                # 3. Every group flat: nothing to learn from this batch.
+                update_policy = flat_groups < 1.0
+                if not update_policy:
+                    self.warn_no_signal(r, "group")
+                # 4. Clipped policy-gradient passes over mini-batches, k3 KL to the reference in the loss.
+                learning_rate = self.scheduler.get_last_lr()[0]
+                stats: dict[str, list[float]] = {"loss": [], "clip_frac": [], "approx_kl": [], "kl_ref": []}
+                for mb in self.minibatches(n, cfg.mini_batch_size, cfg.num_iterations) if update_policy else []:
+                    lower = r.lower[mb] if r.lower is not None else None
+                    logprobs, _ = self.core.policy_logprobs(r.ids[mb], r.mask[mb], lower, r.query_len, cfg.temperature)
+                    loss, mb_stats = grpo_loss(
+                        logprobs,
+                        r.logprobs[mb],
+                        r.ref_logprobs[mb] if cfg.beta else None,
+                        advantages[mb],
+                        mask[mb],
+                        cfg.epsilon,
+                        epsilon_high,
+                        cfg.beta,
+                        cfg.loss_type,
+                        cfg.max_new_tokens,
+                    )
+                    self.optimizer_step(loss)
+                    stats["loss"].append(float(loss.detach()))
+                    for key, value in mb_stats.items():
+                        stats[key].append(float(value))
+                self.advance_schedule()
+                timing["time_train"] = time.perf_counter() - t0
+                # 5. Log, monitor, checkpoint; stop at the budget, a reward threshold, hacking or runaway KL.
+                seq_kl = (kl_per_token(r.logprobs, r.ref_logprobs, "k1") * mask).sum(-1)
+                metrics = {
+                    **self.rollout_metrics(r, seq_kl),
+                    "beta": cfg.beta,
+                    **{key: (sum(v) / len(v) if v else 0.0) for key, v in stats.items()},
+                    "updates": len(stats["loss"]),
+                    "policy_updated": int(update_policy),
+                    "group_reward_std": float(r.penalized.view(-1, k).std(dim=1).mean()),
+                    "zero_variance_groups": flat_groups,
+                    "advantage_abs_mean": float(advantages.abs().mean()),
+                    "learning_rate": learning_rate,
+                }
+                if self.end_step(metrics, timing, started):
+                    break
+        return self.finish()
+
+    def card_method(self) -> str:
+        return "GRPO (group-relative advantages, no critic) against a reward with a KL term to the base model"
+
+    def card_settings(self) -> str:
+        cfg = self.cfg
+        return f"beta {cfg.beta}, loss {cfg.loss_type}, reward scaling {cfg.scale_rewards}"
+
+
+def run_grpo(cfg: GRPOConfig) -> dict[str, Any]:
+    """Start a GRPO run, or continue one with ``resume``; returns the summary of the last step."""
+    return run_online(GRPOTrainer, cfg)

@@ -1,0 +1,213 @@
+"""PPO fine-tuning of a policy against a reward, with a KL penalty to the frozen reference.
+
+Recipe features:
+
+- One frozen base serves every role (``rl.roles``): the policy and the critic are their own LoRA
+  adapters (the value loss never moves the policy), the reference is the base with adapters off,
+  a reward model trained on the same backbone is one more frozen adapter, from which the critic
+  starts. The frozen lower layers run once per rollout. ``--full`` keeps a frozen reference copy.
+- Rewards (``rl.scoring``): a reward-model directory, ``judge:NAME`` or ``module:function``. The
+  score goes on the last response token, a per-token KL penalty (k1 or k3) on every token;
+  responses cut without EOS get ``missing_eos_penalty`` (replace or subtract). A batch whose scores
+  are all equal teaches nothing: its policy update is skipped, with a warning.
+- GAE (gamma, lambda), advantages whitened over the batch, clipped policy ratio and clipped value
+  loss, several PPO epochs over shuffled mini-batches (ended early past ``target_approx_kl``),
+  gradient clipping (policy and critic apart), dropout off, an optional critic warm-up, and an
+  adaptive KL controller (``target_kl``, horizon in steps) or a fixed coefficient.
+- Stops at ``max_steps``, at a moving-average reward of ``reward_threshold``, on a reward-hacking
+  alert with ``stop_on_hacking``, or with a clear message when a loss or the KL turns NaN or the KL
+  passes ``max_kl``. Checkpoints hold everything: ``rlhf ppo --resume RUN_DIR`` reproduces a
+  straight run's metrics.
+
+Limits: one process is what is tested (the loop is written on ``accelerate``); sampling is plain
+temperature sampling (top-p would make the rollout distribution differ from the one PPO scores).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlhfkit.config import option
+from rlhfkit.rl.losses import (
+    KLController,
+    explained_variance,
+    gae,
+    kl_per_token,
+    masked_mean,
+    masked_var,
+    policy_loss,
+    token_rewards,
+    value_loss,
+    whiten,
+)
+from rlhfkit.rl.rollout import Rollout
+from rlhfkit.rl.run import OnlineTrainer, RLConfig, run_online
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    """Options of ``rlhf ppo``."""
+
+    mini_batch_size: int = option(8, "Rollouts per gradient step.")
+    ppo_epochs: int = option(4, "Passes over each rollout batch.")
+    target_approx_kl: float | None = option(
+        None, "Stop a step's PPO epochs once a mini-batch's approx KL(old || new) passes this (unset = run them all)."
+    )
+    critic_warmup_steps: int = option(0, "First N steps update the critic only (the policy waits for sane values).")
+    kl_coef: float = option(0.05, "KL penalty coefficient (the starting value, and the floor, of an adaptive one).")
+    target_kl: float | None = option(
+        None, "Adaptive KL controller target (nats per sequence); unset = fixed coefficient."
+    )
+    kl_horizon: float = option(
+        5.0, "Adaptive KL controller horizon in steps: the coefficient moves by up to a factor e^(1/horizon) a step."
+    )
+    kl_estimator: str = option("k1", "Per-token KL estimator in the reward: k1 (log ratio) or k3.")
+    whiten_rewards: bool = option(False, "Whiten the per-token rewards over the batch before GAE.")
+    gamma: float = option(1.0, "Discount factor.")
+    lam: float = option(0.95, "GAE lambda.")
+    clip_range: float = option(0.2, "Policy ratio clip.")
+    clip_range_value: float = option(0.2, "Value clip.")
+    vf_coef: float = option(0.1, "Value loss coefficient.")
+
+    def checks(self) -> dict[str, bool]:
+        return {
+            **super().checks(),
+            "mini_batch_size must be in [1, batch_size]": 1 <= self.mini_batch_size <= self.batch_size,
+            "ppo_epochs must be >= 1": self.ppo_epochs >= 1,
+            "kl_estimator must be k1 or k3": self.kl_estimator in ("k1", "k3"),
+            "target_kl must be > 0": self.target_kl is None or self.target_kl > 0,
+            "kl_horizon must be >= 1 (steps)": self.kl_horizon >= 1,
+            "target_approx_kl must be > 0": self.target_approx_kl is None or self.target_approx_kl > 0,
+            "critic_warmup_steps must be >= 0": self.critic_warmup_steps >= 0,
+        }
+
+
+class PPOTrainer(OnlineTrainer):
+    """PPO with a critic: ``train`` is the loop, ``ppo_step`` the update of one rollout batch."""
+
+    algo = "ppo"
+
+    def __init__(self, cfg: PPOConfig, accelerator: Any = None) -> None:
+        super().__init__(cfg, critic=True, group_size=1, accelerator=accelerator)
+        self.cfg: PPOConfig = cfg
+        self.kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        with self.running():
+            while self.step < cfg.max_steps:
+                started = time.perf_counter()
+                # 1. Rollout: one completion per prompt, scored, with the policy's, the reference's and
+                #    the critic's numbers for every response token.
+                rollout, timing = self.rollout(self.stream.take(cfg.batch_size))
+                # 2-5. The update: per-token rewards, GAE, clipped epochs over mini-batches.
+                t0 = time.perf_counter()
+                metrics = self.ppo_step(rollout)
+                timing["time_train"] = time.perf_counter() - t0
+                # 6. The KL controller sees this step's KL.
+                self.kl_ctl.update(metrics["kl"])
+                # 7. Log, monitor, checkpoint; stop at the budget, a reward threshold, hacking or runaway KL.
+                if self.end_step(metrics, timing, started):
+                    break
+        return self.finish()
+
+    def rollout(self, prompt_idx: list[int]) -> tuple[Rollout, dict[str, float]]:
+        rollout, timing = super().rollout(prompt_idx)
+        if self.value_bias_from_scores and self.step == 0:
+            # A critic with no reward head to start from predicts the first batch's mean score
+            # (its weights are 0: every value is the bias) instead of noise.
+            core = self.core
+            with torch.no_grad():
+                core.value_head.bias.fill_(float(rollout.penalized.mean()))
+                rollout.values = core.values(rollout.ids, rollout.mask, rollout.lower, rollout.query_len)
+        return rollout, timing
+
+    def ppo_step(self, r: Rollout) -> dict[str, float]:
+        cfg = self.cfg
+        rmask = r.response_mask
+        n = r.ids.shape[0]
+        assert r.values is not None
+        # 2. Per-token rewards: -kl_coef * KL on every token, the (EOS-penalised) score on the last.
+        kl = kl_per_token(r.logprobs, r.ref_logprobs, cfg.kl_estimator) * rmask
+        rewards = token_rewards(r.penalized, kl, self.kl_ctl.value, rmask)
+        if cfg.whiten_rewards:
+            rewards = whiten(rewards, rmask, shift_mean=False)
+        # 3. Advantages (GAE) against the critic's values, whitened over the batch.
+        advantages, returns = gae(rewards, r.values, rmask, cfg.gamma, cfg.lam)
+        advantage_std_raw = float(masked_var(advantages, rmask).sqrt())
+        advantages = whiten(advantages, rmask)
+        # 4. Does the policy learn this step? Not while the critic warms up, and not from scores that
+        #    are all equal: whitened advantages would then follow the critic's noise.
+        no_signal = n > 1 and float(r.penalized.std()) < 1e-6
+        if no_signal:
+            self.warn_no_signal(r)
+        update_policy = self.step >= cfg.critic_warmup_steps and not no_signal
+        learning_rate = self.scheduler.get_last_lr()[0]
+
+        # 5. PPO epochs over shuffled mini-batches (the model stays in eval mode: dropout off), ended
+        #    early once the policy moved past target_approx_kl from the one that sampled.
+        stats: dict[str, list[float]] = {
+            k: [] for k in ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl")
+        }
+        updates = 0
+        for mb in self.minibatches(n, cfg.mini_batch_size, cfg.ppo_epochs):
+            lower = r.lower[mb] if r.lower is not None else None
+            if update_policy:
+                logprobs, values, _ = self.model(r.ids[mb], r.mask[mb], lower, r.query_len, cfg.temperature)
+                pg_loss, clip_frac, approx_kl = policy_loss(
+                    logprobs, r.logprobs[mb], advantages[mb], rmask[mb], cfg.clip_range
+                )
+            else:  # value updates only
+                values = self.core.values(r.ids[mb], r.mask[mb], lower, r.query_len)
+                pg_loss = clip_frac = approx_kl = torch.zeros(())
+            vf_loss, vf_clip = value_loss(values, r.values[mb], returns[mb], rmask[mb], cfg.clip_range_value)
+            self.optimizer_step(pg_loss + cfg.vf_coef * vf_loss, update_policy)
+            updates += 1
+            for key, value in (
+                ("policy_loss", pg_loss),
+                ("value_loss", vf_loss),
+                ("clip_frac", clip_frac),
+                ("value_clip_frac", vf_clip),
+                ("approx_kl", approx_kl),
+            ):
+                stats[key].append(float(value.detach()))
+            if update_policy and cfg.target_approx_kl is not None and float(approx_kl) > cfg.target_approx_kl:
+                break
+        self.advance_schedule()
+
+        seq_kl = kl.sum(-1)
+        return {
+            **self.rollout_metrics(r, seq_kl),
+            "kl_coef": self.kl_ctl.value,
+            "rlhf_reward": float((r.penalized - self.kl_ctl.value * seq_kl).mean()),
+            **{k: sum(v) / len(v) for k, v in stats.items()},
+            "updates": updates,
+            "policy_updated": int(update_policy),
+            "advantage_std_raw": advantage_std_raw,
+            "value_mean": float(masked_mean(r.values, rmask)),
+            "explained_variance": explained_variance(r.values, returns, rmask),
+            "learning_rate": learning_rate,
+        }
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"kl_controller": self.kl_ctl.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+
+    def card_method(self) -> str:
+        return "PPO against a reward with a KL penalty to the base model"
+
+    def card_settings(self) -> str:
+        cfg = self.cfg
+        adaptive = f" (adaptive, target {cfg.target_kl})" if cfg.target_kl else ""
+        return f"{cfg.ppo_epochs} PPO epochs, KL coef {cfg.kl_coef}{adaptive}"
+
+
+def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
+    """Start a PPO run, or continue one with ``resume``; returns the summary of the last step."""
+    return run_online(PPOTrainer, cfg)

@@ -1,0 +1,152 @@
+"""RLOO: REINFORCE with a leave-one-out baseline (Ahmadian et al. 2024), critic-free, as TRL documents it.
+
+Recipe features:
+
+- ``num_generations`` completions per prompt; the whole response is one action. Its reward is the
+  score minus ``kl_coef`` times its KL to the frozen reference (summed k1 over its tokens), and its
+  advantage that reward minus the mean reward of the other completions of the same prompt.
+  ``target_kl`` steers ``kl_coef`` with PPO's controller (horizon in steps, the start as floor).
+- Sequence-level ratio to the sampling policy, clipped (``epsilon``, ``epsilon_high``), over
+  ``num_iterations`` passes in mini-batches of ``mini_batch_size`` completions; optional advantage
+  whitening (``normalize_advantages``).
+- Groups whose completions all scored the same carry no signal: their share is logged
+  (``zero_variance_groups``) and a step where every group is flat skips its update, with a warning.
+- Everything else as ``rlhf ppo``: roles on one base with the frozen lower layers run once per
+  rollout, reward model / judge / function, EOS penalty, monitor, checkpoints and exact resume.
+
+Limits: the KL term is in the reward, so a flat score still pays for staying near the reference
+only through the baseline differences within a group. One process is what is tested.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from rlhfkit.config import option
+from rlhfkit.rl.losses import (
+    KLController,
+    kl_per_token,
+    leave_one_out_advantages,
+    sequence_clip_loss,
+    zero_variance_share,
+)
+from rlhfkit.rl.run import OnlineTrainer, RLConfig, run_online
+
+
+@dataclass
+class RLOOConfig(RLConfig):
+    """Options of ``rlhf rloo``."""
+
+    batch_size: int = option(8, "Prompts per step; each gets num_generations completions.")
+    num_generations: int = option(2, "Completions per prompt (the group), as TRL.")
+    mini_batch_size: int = option(8, "Completions per gradient step.")
+    num_iterations: int = option(1, "Passes over each batch.")
+    kl_coef: float = option(0.05, "KL penalty coefficient in the sequence reward (the floor of an adaptive one).")
+    target_kl: float | None = option(
+        None, "Adaptive KL controller target (nats per sequence); unset = fixed coefficient."
+    )
+    kl_horizon: float = option(5.0, "Adaptive KL controller horizon in steps.")
+    epsilon: float = option(0.2, "Sequence ratio clip, lower side (and upper side unless epsilon_high is set).")
+    epsilon_high: float | None = option(None, "Sequence ratio clip, upper side (unset = epsilon).")
+    normalize_advantages: bool = option(False, "Whiten the leave-one-out advantages over the batch.")
+
+    def checks(self) -> dict[str, bool]:
+        return {
+            **super().checks(),
+            "num_generations must be >= 2 (the baseline is the other completions)": self.num_generations >= 2,
+            "mini_batch_size must be >= 1": self.mini_batch_size >= 1,
+            "num_iterations must be >= 1": self.num_iterations >= 1,
+            "kl_coef must be >= 0": self.kl_coef >= 0,
+            "target_kl must be > 0": self.target_kl is None or self.target_kl > 0,
+            "kl_horizon must be >= 1 (steps)": self.kl_horizon >= 1,
+            "epsilon must be in (0, 1)": 0 < self.epsilon < 1,
+            "epsilon_high must be > 0": self.epsilon_high is None or self.epsilon_high > 0,
+        }
+
+
+class RLOOTrainer(OnlineTrainer):
+    algo = "rloo"
+
+    def __init__(self, cfg: RLOOConfig, accelerator: Any = None) -> None:
+        super().__init__(cfg, critic=False, group_size=cfg.num_generations, accelerator=accelerator)
+        self.cfg: RLOOConfig = cfg
+        self.kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        k = cfg.num_generations
+        epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+        with self.running():
+            while self.step < cfg.max_steps:
+                started = time.perf_counter()
+                # 1. Rollout: k completions per prompt, scored (EOS rule applied), with the sampling
+                #    policy's and the reference's log-probs of every response token.
+                r, timing = self.rollout(self.stream.take(cfg.batch_size))
+                t0 = time.perf_counter()
+                mask = r.response_mask
+                n = r.ids.shape[0]
+                # 2. Sequence reward: the score minus kl_coef x the response's KL to the reference.
+                seq_kl = (kl_per_token(r.logprobs, r.ref_logprobs, "k1") * mask).sum(-1)
+                rewards = r.penalized - self.kl_ctl.value * seq_kl
+                # 3. Leave-one-out advantages: each reward against the mean of its prompt's others.
+                advantages = leave_one_out_advantages(rewards, k)
+                if cfg.normalize_advantages:
+                    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+                flat_groups = zero_variance_share(r.penalized, k)
+                update_policy = flat_groups < 1.0
+                if not update_policy:
+                    self.warn_no_signal(r, "group")
+                # 4. Clipped sequence-ratio passes over mini-batches.
+                learning_rate = self.scheduler.get_last_lr()[0]
+                stats: dict[str, list[float]] = {"loss": [], "clip_frac": [], "approx_kl": []}
+                for mb in self.minibatches(n, cfg.mini_batch_size, cfg.num_iterations) if update_policy else []:
+                    lower = r.lower[mb] if r.lower is not None else None
+                    logprobs, _ = self.core.policy_logprobs(r.ids[mb], r.mask[mb], lower, r.query_len, cfg.temperature)
+                    loss, mb_stats = sequence_clip_loss(
+                        logprobs, r.logprobs[mb], advantages[mb], mask[mb], cfg.epsilon, epsilon_high
+                    )
+                    self.optimizer_step(loss)
+                    stats["loss"].append(float(loss.detach()))
+                    for key, value in mb_stats.items():
+                        stats[key].append(float(value))
+                self.advance_schedule()
+                timing["time_train"] = time.perf_counter() - t0
+                metrics = {
+                    **self.rollout_metrics(r, seq_kl),
+                    "kl_coef": self.kl_ctl.value,
+                    "rlhf_reward": float(rewards.mean()),
+                    **{key: (sum(v) / len(v) if v else 0.0) for key, v in stats.items()},
+                    "updates": len(stats["loss"]),
+                    "policy_updated": int(update_policy),
+                    "group_reward_std": float(r.penalized.view(-1, k).std(dim=1).mean()),
+                    "zero_variance_groups": flat_groups,
+                    "advantage_abs_mean": float(advantages.abs().mean()),
+                    "learning_rate": learning_rate,
+                }
+                # 5. The KL controller sees this step's KL.
+                self.kl_ctl.update(metrics["kl"])
+                # 6. Log, monitor, checkpoint; stop at the budget, a reward threshold, hacking or runaway KL.
+                if self.end_step(metrics, timing, started):
+                    break
+        return self.finish()
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"kl_controller": self.kl_ctl.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+
+    def card_method(self) -> str:
+        return "RLOO (leave-one-out baseline, no critic) against a reward with a KL penalty to the base model"
+
+    def card_settings(self) -> str:
+        cfg = self.cfg
+        adaptive = f" (adaptive, target {cfg.target_kl})" if cfg.target_kl else ""
+        return f"KL coef {cfg.kl_coef}{adaptive}"
+
+
+def run_rloo(cfg: RLOOConfig) -> dict[str, Any]:
+    """Start an RLOO run, or continue one with ``resume``; returns the summary of the last step."""
+    return run_online(RLOOTrainer, cfg)
