@@ -510,3 +510,8 @@ def test_serve_rejects_an_empty_project(tmp_path: Path) -> None:
     assert code == 2 and "no pairs" in out and "--candidates" in out
     code, out = invoke("serve", "--db", tmp_path / "empty.db", "--overlap", "0")
     assert code == 2 and "overlap" in out
+
+
+def test_form_pairs_adjacent_keeps_disjoint_pairs_of_usable_texts() -> None:
+    assert form_pairs(["a", "b", "c", "d"], adjacent=True) == [(0, 1), (2, 3)]
+    assert form_pairs(["a", "a", "c", "", "e"], adjacent=True) == []  # copies and empties take no part

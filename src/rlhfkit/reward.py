@@ -56,6 +56,7 @@ from rlhfkit.models import (
     trainable_state,
     upper_hidden,
 )
+from rlhfkit.rundir import write_model_card
 
 console = Console(stderr=True)
 
@@ -840,23 +841,17 @@ def _save_reward_model(model: RewardModel, tokenizer, out: Path, cfg: RewardTrai
 
 def _write_model_card(out: Path, cfg: RewardTrainConfig, metrics: dict) -> None:
     kind = "full fine-tune" if cfg.full else f"LoRA r={cfg.lora_r} on the top {cfg.trainable_layers or 'all'} layers"
-    lines = [
-        f"# Reward model ({cfg.model})",
-        "",
+    write_model_card(
+        out,
+        f"Reward model ({cfg.model})",
         "Trained by `rlhf reward train` (rlhfkit) with a pairwise Bradley-Terry loss.",
-        "",
-        f"- base model: `{cfg.model}` ({kind})",
-        f"- data: `{cfg.data}` ({metrics['train_pairs']} training pairs, {metrics['eval_pairs']} held out)",
-        f"- epochs {cfg.epochs}, batch {cfg.batch_size}, learning rate {cfg.learning_rate}, seed {cfg.seed}",
-        f"- score: head on the `{cfg.pooling}` pooling of the final hidden states",
-        "",
-        "| metric | value |",
-        "|---|---|",
-    ]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
-    lines += ["", "Use: `rlhf reward score --reward-model DIR --prompt P --completion C`.", ""]
-    (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
-
-
-def _fmt(value: object) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+        [
+            f"base model: `{cfg.model}` ({kind})",
+            f"data: `{cfg.data}` ({metrics['train_pairs']} training pairs, {metrics['eval_pairs']} held out)",
+            f"epochs {cfg.epochs}, batch {cfg.batch_size}, learning rate {cfg.learning_rate}, seed {cfg.seed}",
+            f"score: head on the `{cfg.pooling}` pooling of the final hidden states",
+        ],
+        metrics,
+        "metric",
+        "Use: `rlhf reward score --reward-model DIR --prompt P --completion C`.",
+    )

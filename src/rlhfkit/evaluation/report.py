@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from rlhfkit.evaluation import (
     verdict_of,
 )
 from rlhfkit.judges import deflection_match
+from rlhfkit.rundir import read_metrics
 
 ALERT_TEXT = {
     "reward_up_monitor_down": "reward rose while the independent monitor fell (reward hacking)",
@@ -77,19 +77,6 @@ def _verdict(metric: str, diff: dict[str, float]) -> tuple[str, str]:
         better = (diff["mean"] < 0) if lower_better else (diff["mean"] > 0)
         return ("good", "better, significant at 95%") if better else ("bad", "worse, significant at 95%")
     return "flat", "no significant change"
-
-
-def read_run_log(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut by a killed run
-    return rows
 
 
 def first_alerts(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
@@ -399,7 +386,7 @@ def write_report(out: str | Path, metrics: dict, rows: list[dict], runs: dict[st
     folder = Path(out)
     plots = folder / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    logs = {name: log for name, run in runs.items() if (log := read_run_log(run))}
+    logs = {name: log for name, run in runs.items() if (log := read_metrics(run))}
     entries = tuned_entries(metrics)
     models = {"base": "base"} | {("tuned" if n == "tuned" else f"tuned_{n}"): n for n, _, _ in entries}
     scored = [k for k, v in metrics["base"].items() if isinstance(v, dict) and k != "response_length"]

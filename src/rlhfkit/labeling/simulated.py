@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 import random
-from itertools import combinations
 from typing import Any
 
 from rlhfkit.data import CandidateRecord, PreferenceRecord, prompt_text
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.judges import Judge
+from rlhfkit.labeling.store import form_pairs
 
 PAIRINGS = ("all", "adjacent")
 
@@ -24,14 +24,6 @@ def _sigmoid(x: float) -> float:
         return 1.0 / (1.0 + math.exp(-x))
     z = math.exp(x)
     return z / (1.0 + z)
-
-
-def _pairs(completions: list[str], pairs: str) -> list[tuple[int, int]]:
-    """Index pairs to compare; identical or empty texts carry no usable preference and are skipped."""
-    n = len(completions)
-    candidates = list(combinations(range(n), 2)) if pairs == "all" else [(i, i + 1) for i in range(0, n - 1, 2)]
-    text = [c.strip() for c in completions]
-    return [(i, j) for i, j in candidates if text[i] and text[j] and text[i] != text[j]]
 
 
 def judge_preferences(
@@ -52,7 +44,7 @@ def judge_preferences(
     if pairs not in PAIRINGS:
         raise RlhfkitError(f"pairs must be one of {', '.join(PAIRINGS)} (got {pairs!r})")
 
-    plan = [(record, _pairs(record.completions, pairs)) for record in candidates]
+    plan = [(record, form_pairs(record.completions, adjacent=pairs != "all")) for record in candidates]
     plan = [(record, record_pairs) for record, record_pairs in plan if record_pairs]
 
     # One batched judge call over every completion that takes part in a pair.

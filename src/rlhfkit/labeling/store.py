@@ -169,12 +169,14 @@ def _prompt_key(prompt: Prompt) -> str:
     return json.dumps(prompt, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
-def form_pairs(texts: list[str]) -> list[tuple[int, int]]:
+def form_pairs(texts: list[str], adjacent: bool = False) -> list[tuple[int, int]]:
     """Index pairs (i < j) worth asking about: every unordered pair whose texts differ.
 
     Empty completions are left out, and of texts equal after stripping whitespace only the first
     takes part: a preference between copies carries nothing (and preference files reject empty or
     identical texts), and a near-copy would only show the labeler the same comparison twice.
+    ``adjacent``: only (0, 1), (2, 3), ... (disjoint pairs, for a cheaper simulated labeling).
+    The one pairing rule of the project: the labeling page and the simulated labelers share it.
     """
     seen: set[str] = set()
     usable = []
@@ -183,6 +185,9 @@ def form_pairs(texts: list[str]) -> list[tuple[int, int]]:
         if key and key not in seen:
             seen.add(key)
             usable.append(i)
+    if adjacent:
+        kept = set(usable)
+        return [(i, i + 1) for i in range(0, len(texts) - 1, 2) if i in kept and i + 1 in kept]
     return list(combinations(usable, 2))
 
 

@@ -23,6 +23,7 @@ import yaml
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import resolve_model_path
+from rlhfkit.rundir import fmt_value, read_metrics
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Cache folder names of the built-in models: a path ending in one of these is that model, wherever
@@ -51,15 +52,8 @@ class AdapterSource:
 
     def last_metrics(self) -> dict[str, Any]:
         """The run's last ``metrics.jsonl`` row (empty when there is no run directory)."""
-        if self.run_dir is None or not (self.run_dir / "metrics.jsonl").exists():
-            return {}
-        last: dict[str, Any] = {}
-        for line in (self.run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-            try:
-                last = json.loads(line)
-            except json.JSONDecodeError:
-                break
-        return last
+        rows = read_metrics(self.run_dir) if self.run_dir is not None else []
+        return rows[-1] if rows else {}
 
 
 def find_adapter(path: str | Path) -> AdapterSource:
@@ -253,7 +247,7 @@ def write_export_card(out: Path, base: str, source: AdapterSource, merged: bool)
     if metrics:
         lines += ["", "| last PPO step | value |", "|---|---|"]
         keys = ("step", "reward_mean", "kl", "kl_coef", "entropy", "response_length", "eos_rate")
-        lines += [f"| {k} | {_fmt(metrics[k])} |" for k in keys if k in metrics]
+        lines += [f"| {k} | {fmt_value(metrics[k])} |" for k in keys if k in metrics]
     lines += ["", "## Use", ""]
     if merged:
         lines += [
@@ -278,7 +272,3 @@ def write_export_card(out: Path, base: str, source: AdapterSource, merged: bool)
             + " (the base must be these exact weights: the adapter was trained on them).",
         ]
     (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
