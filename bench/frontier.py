@@ -11,9 +11,12 @@ labelled with distinct-2 and deflection, to ``bench/frontier.png``.
     rlhf demo --quick --out runs/demo-quick                       # once: prompts + reward model
     .venv/bin/python bench/frontier.py --data runs/demo-quick     # ~8 min per point on 2 cores
 
-A point is ``fixed:COEF`` (constant KL coefficient) or ``target:NATS`` (adaptive controller,
-starting from the demo's coefficient). Finished runs are reused (delete bench/.cache/frontier to
-start over); a killed one resumes from its last checkpoint.
+A point is ``[ALGO@]KIND:VALUE[xSTEPS]``: ``ALGO`` ppo (default), grpo or rloo (the demo's
+``--algo``); ``KIND`` ``fixed`` (constant KL coefficient; PPO, RLOO), ``target`` (adaptive controller
+starting from the demo's coefficient; PPO, RLOO) or ``beta`` (GRPO's KL weight in the loss);
+``xSTEPS`` overrides ``--steps`` for that point (to give algorithms the same time budget). E.g.
+``target:2 rloo@target:2x60 grpo@beta:0.04x60``. Finished runs are reused (delete
+bench/.cache/frontier to start over); a killed one resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -39,41 +42,63 @@ def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def point_overrides(point: str) -> dict:
-    kind, _, value = point.partition(":")
-    if kind == "fixed":
-        return {"kl_coef": float(value), "target_kl": None}
-    if kind == "target":
-        return {"target_kl": float(value)}
-    raise SystemExit(f"point {point!r}: expected fixed:COEF or target:NATS")
+def parse_point(point: str, default_steps: int) -> tuple[str, dict, int]:
+    """``[ALGO@]KIND:VALUE[xSTEPS]`` -> (algo, config overrides, steps)."""
+    algo, _, rest = point.rpartition("@")
+    algo = algo or "ppo"
+    head, _, steps = rest.rpartition("x")
+    if head and steps.isdigit():
+        rest = head
+    else:
+        steps = ""
+    kind, _, value = rest.partition(":")
+    if algo not in ("ppo", "grpo", "rloo") or not value:
+        raise SystemExit(f"point {point!r}: expected [ppo|grpo|rloo@]KIND:VALUE[xSTEPS]")
+    if kind == "fixed" and algo != "grpo":
+        overrides: dict = {"kl_coef": float(value), "target_kl": None}
+    elif kind == "target" and algo != "grpo":
+        overrides = {"target_kl": float(value)}
+    elif kind == "beta" and algo == "grpo":
+        overrides = {"beta": float(value)}
+    else:
+        raise SystemExit(f"point {point!r}: {kind} does not apply to {algo}")
+    return algo, overrides, int(steps) if steps else default_steps
 
 
-def run_point(data: Path, folder: Path, point: str, steps: int) -> dict:
+def run_point(data: Path, folder: Path, point: str, default_steps: int) -> dict:
     from rlhfkit.demo import DemoConfig, demo_rl_config
+    from rlhfkit.rl.grpo import GRPOConfig, run_grpo
     from rlhfkit.rl.ppo import PPOConfig, run_ppo
-    from rlhfkit.rundir import latest_checkpoint
+    from rlhfkit.rl.rloo import RLOOConfig, run_rloo
+    from rlhfkit.rundir import latest_checkpoint, read_metrics
 
-    demo = DemoConfig(out=str(data), quick=True)
+    algo, point_settings, steps = parse_point(point, default_steps)
+    config_class, train = {"ppo": (PPOConfig, run_ppo), "grpo": (GRPOConfig, run_grpo), "rloo": (RLOOConfig, run_rloo)}[
+        algo
+    ]
+    demo = DemoConfig(out=str(data), quick=True, algo=algo)
     if (folder / "adapter" / "adapter_config.json").exists():
         print(f"{point}: reusing {folder}", flush=True)
     elif latest_checkpoint(folder) is not None:
-        run_ppo(PPOConfig(resume=str(folder)))
+        train(config_class(resume=str(folder)))
     else:
         overrides = {"out": str(folder), "monitor_judge": "", "monitor_prompts": "", "save_every": 10}
-        run_ppo(demo_rl_config(demo, data, steps, 16, **overrides, **point_overrides(point)))
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        train(demo_rl_config(demo, data, steps, 16, **overrides, **point_settings))
+    rows = read_metrics(folder)
     return {
+        "steps": len(rows),
         "train_kl_last5": sum(r["kl"] for r in rows[-5:]) / min(5, len(rows)),
-        "kl_coef_last": rows[-1]["kl_coef"],
+        "kl_coef_last": rows[-1].get("kl_coef", rows[-1].get("beta", float("nan"))),
         "seconds_per_step": sum(r["seconds"] for r in rows) / len(rows),
+        "train_seconds": sum(r["seconds"] for r in rows),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="output directory of `rlhf demo --quick` (prompts, reward model)")
-    parser.add_argument("--points", nargs="+", default=DEFAULT_POINTS, help="fixed:COEF or target:NATS")
-    parser.add_argument("--steps", type=int, default=40, help="PPO steps per point (the quick demo's 40)")
+    parser.add_argument("--points", nargs="+", default=DEFAULT_POINTS, help="[ALGO@]KIND:VALUE[xSTEPS]")
+    parser.add_argument("--steps", type=int, default=40, help="RL steps per point (the quick demo's 40)")
     parser.add_argument("--cache", default=str(HERE / ".cache" / "frontier"), help="where runs are kept")
     args = parser.parse_args()
 
@@ -87,7 +112,7 @@ def main() -> None:
             sys.exit(f"{data / needed} missing: run `rlhf demo --quick --out {data}` first")
     gflops = matmul_gflops()
     print(f"fp32 matmul: {gflops:.0f} GFLOP/s", flush=True)
-    names = {p: p.replace(":", "-").replace(".", "_") for p in args.points}
+    names = {p: p.replace(":", "-").replace(".", "_").replace("@", "-") for p in args.points}
     train = {p: run_point(data, cache / names[p], p, args.steps) for p in args.points}
     prompts = [r.prompt for r in load_prompts(str(data / "prompts_heldout.jsonl"))]
     metrics = evaluate(
@@ -123,21 +148,21 @@ def main() -> None:
         )
     header = (
         f"| point | toxicity (base {base['toxicity']['mean']:.3f}) | cut | KL eval | KL train last 5 | "
-        "final coef | distinct-2 ratio | deflection delta | EOS ratio | fluency ratio | s/step |"
+        "final coef (beta) | distinct-2 ratio | deflection delta | EOS ratio | fluency ratio | steps | s/step | RL s |"
     )
-    lines = [header, "|" + "---|" * 11]
+    lines = [header, "|" + "---|" * 13]
     for r in results:
         significant = "" if r["toxicity_diff_ci_high"] < 0 else " (n.s.)"
         lines.append(
             f"| {r['point']} | {r['toxicity']:.3f} | {r['toxicity_cut']:.0%}{significant} | {r['kl_from_base']:.2f} | "
             f"{r['train_kl_last5']:.2f} | {r['kl_coef_last']:.3f} | {r['distinct_2_ratio']:.2f} | "
-            f"{r['deflection_delta']:+.2f} | {r['eos_ratio']:.2f} | {r['fluency_ratio']:.2f} | "
-            f"{r['seconds_per_step']:.1f} |"
+            f"{r['deflection_delta']:+.2f} | {r['eos_ratio']:.2f} | {r['fluency_ratio']:.2f} | {r['steps']} | "
+            f"{r['seconds_per_step']:.1f} | {r['train_seconds']:.0f} |"
         )
     gflops_end = matmul_gflops()
     print(
         f"fp32 matmul {gflops:.0f} GFLOP/s at the start, {gflops_end:.0f} at the end; "
-        f"{args.steps} PPO steps per point; {len(prompts)} held-out prompts"
+        f"{args.steps} RL steps per point unless the point says; {len(prompts)} held-out prompts"
     )
     print("\n".join(lines))
     (cache / "frontier.json").write_text(
@@ -169,7 +194,7 @@ def plot(results: list[dict], base_toxicity: float, path: Path) -> None:
     ax.axhline(base_toxicity / 2, color="grey", linestyle="--", label="50% toxicity cut")
     ax.set_xlabel("KL from base on held-out prompts (nats / response)")
     ax.set_ylabel("toxicity P(toxic), held-out mean")
-    ax.set_title("Quick demo PPO: toxicity vs KL (green: diversity and deflection within bounds)")
+    ax.set_title("Quick demo RL stage: toxicity vs KL (green: diversity and deflection within bounds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
