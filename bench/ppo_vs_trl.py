@@ -48,11 +48,12 @@ TRL_VERSION = "1.12.0"
 # What differs by design, or could not be matched, printed under the table and in RESULTS.md.
 DIFFERENCES = [
     "Models in memory: rlhfkit keeps one frozen base (policy = LoRA adapter, reference = adapters off, reward = a "
-    "second adapter, value = a head on the policy trunk); TRL holds the policy (base + LoRA; reference = adapters "
+    "second adapter, value = a third adapter plus a head); TRL holds the policy (base + LoRA; reference = adapters "
     "off), a separate value model and a separate reward model (LoRA merged), three copies of the weights.",
-    "Value function: rlhfkit's is a head on the policy's trunk (trained through the policy's LoRA); TRL needs a "
-    "separate value model: the base backbone with the same normalised head, training a LoRA like the policy's "
-    "plus the head (--trl-value lora; TRL's own examples train all its weights: --trl-value full).",
+    "Value function: rlhfkit's has its own LoRA adapter on the policy's base (started from the reward adapter) and "
+    "a head started from the normalised reward head; TRL needs a separate value model: the base backbone with the "
+    "same normalised head, training a LoRA like the policy's plus the head (--trl-value lora; TRL's own examples "
+    "train all its weights: --trl-value full).",
     "Gradient clipping: TRL 1.12's PPO loop never clips, so rlhfkit's is off too (--max-grad-norm to set one).",
     "EOS penalty off on both sides: rlhfkit's replaces the score, TRL's subtracts from it (different rules).",
     "Score position: TRL puts the score on the token after the response end (its padding_mask_p1 rule), "

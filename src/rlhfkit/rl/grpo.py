@@ -91,7 +91,9 @@ class GRPOTrainer(OnlineTrainer):
                 stats: dict[str, list[float]] = {"loss": [], "clip_frac": [], "approx_kl": [], "kl_ref": []}
                 for mb in self.minibatches(n, cfg.mini_batch_size, cfg.num_iterations) if update_policy else []:
                     lower = r.lower[mb] if r.lower is not None else None
-                    logprobs, _ = self.core.policy_logprobs(r.ids[mb], r.mask[mb], lower, r.query_len, cfg.temperature)
+                    logprobs, _, _ = self.model(
+                        r.ids[mb], r.mask[mb], lower, r.query_len, cfg.temperature, with_values=False
+                    )
                     loss, mb_stats = grpo_loss(
                         logprobs,
                         r.logprobs[mb],

@@ -103,7 +103,9 @@ class RLOOTrainer(OnlineTrainer):
                 stats: dict[str, list[float]] = {"loss": [], "clip_frac": [], "approx_kl": []}
                 for mb in self.minibatches(n, cfg.mini_batch_size, cfg.num_iterations) if update_policy else []:
                     lower = r.lower[mb] if r.lower is not None else None
-                    logprobs, _ = self.core.policy_logprobs(r.ids[mb], r.mask[mb], lower, r.query_len, cfg.temperature)
+                    logprobs, _, _ = self.model(
+                        r.ids[mb], r.mask[mb], lower, r.query_len, cfg.temperature, with_values=False
+                    )
                     loss, mb_stats = sequence_clip_loss(
                         logprobs, r.logprobs[mb], advantages[mb], mask[mb], cfg.epsilon, epsilon_high
                     )

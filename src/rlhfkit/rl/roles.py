@@ -123,10 +123,15 @@ class Roles(nn.Module):
         query_len: int,
         temperature: float,
         with_entropy: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Response log-probs, values and (optionally) entropies: what a PPO mini-batch needs."""
+        with_values: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Response log-probs, values (with a critic) and entropies (if asked): what a mini-batch needs.
+
+        Training steps call the module (not its methods), so a data-parallel wrapper sees the forward.
+        """
         logprobs, entropy = self.policy_logprobs(ids, mask, lower, query_len, temperature, with_entropy)
-        return logprobs, self.values(ids, mask, lower, query_len), entropy
+        values = self.values(ids, mask, lower, query_len) if with_values else None
+        return logprobs, values, entropy
 
 
 def build_roles(
