@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import shutil
 import time
 import warnings
@@ -284,7 +285,7 @@ class OnlineTrainer:
         """One learning-rate schedule step per training step, updated or not (a skipped update would
         otherwise shift a linear decay; torch warns about a scheduler step with no optimizer step)."""
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
 
     def optimizer_step(self, loss: torch.Tensor, update_policy: bool = True) -> None:
