@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--points", nargs="+", default=DEFAULT_POINTS, help="[ALGO@]KIND:VALUE[xSTEPS]")
     parser.add_argument("--steps", type=int, default=40, help="RL steps per point (the quick demo's 40)")
     parser.add_argument("--cache", default=str(HERE / ".cache" / "frontier"), help="where runs are kept")
+    parser.add_argument("--plot", default=str(HERE / "frontier.png"), help="where the plot goes")
     args = parser.parse_args()
 
     from rlhfkit.data import load_prompts
@@ -168,8 +169,8 @@ def main() -> None:
     (cache / "frontier.json").write_text(
         json.dumps({"gflops_start": gflops, "gflops_end": gflops_end, "results": results}, indent=2)
     )
-    plot(results, base["toxicity"]["mean"], HERE / "frontier.png")
-    print(f"wrote {HERE / 'frontier.png'} and {cache / 'frontier.json'}")
+    plot(results, base["toxicity"]["mean"], Path(args.plot))
+    print(f"wrote {args.plot} and {cache / 'frontier.json'}")
 
 
 def plot(results: list[dict], base_toxicity: float, path: Path) -> None:

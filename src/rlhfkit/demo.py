@@ -48,6 +48,9 @@ class DemoConfig:
     reward_pooling: str = option(
         "mean", "Reward model pooling: mean over the completion (toxicity is spread over the words), last, last+mean."
     )
+    reward_head_init: str = option(
+        "probe", "Reward head start: probe (fit first on the frozen features, then train all: LP-FT) or random."
+    )
     target_kl: float = option(2.0, "The RL stage's KL target, nats per response (PPO, RLOO).")
     grpo_beta: float = option(0.04, "GRPO's KL weight in the loss.")
     seed: int = option(0, "Seed of every stage.")
@@ -185,7 +188,10 @@ def run_demo(cfg: DemoConfig) -> dict:
                 # Mean of the completion's final states: toxicity is spread over the words, and the
                 # last token alone overfits (held-out judge accuracy, docs/measurements.md).
                 pooling=cfg.reward_pooling,
-                group_by_prompt=False,
+                # The head first fit as a linear probe, then adapters and head together (LP-FT), in
+                # batches grouped by prompt: held-out judge accuracy 0.783 against 0.762 for a random
+                # head on random batches, in 381 s against 530 s (docs/measurements.md).
+                head_init=cfg.reward_head_init,
             )
         )
 
