@@ -182,6 +182,22 @@ def machine() -> dict[str, str | int]:
     }
 
 
+def measured_line(env: dict, trl_version: str) -> str:
+    """The report's first sentence: date, machine, versions, allocator tunables, and the fp32 matmul rate
+    before and after the runs when ``env`` has them (``gflops_start``, ``gflops_end``)."""
+    rate = (
+        f" fp32 matmul (2048^3, best of 5): {env['gflops_start']:.0f} GFLOP/s before, {env['gflops_end']:.0f} after."
+        if "gflops_start" in env
+        else ""
+    )
+    return (
+        f"Measured {env['date']} on {env['cores']} cores ({env['cpu']}; {env['isa']}; {env['memory']} RAM), "
+        f"Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
+        f"accelerate {env['accelerate']}, TRL {trl_version}; `GLIBC_TUNABLES={GLIBC_TUNABLES}` for both runs; "
+        f"each side in its own process, one after the other{' (`--quick`)' if env.get('quick') else ''}.{rate}"
+    )
+
+
 def write_results_section(path: Path, key: str, title: str, body: str) -> None:
     """Put ``body`` under ``## title`` in ``path``, replacing the section an earlier run wrote."""
     begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"

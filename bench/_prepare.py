@@ -1,6 +1,6 @@
 """Inputs of the side-by-side benchmarks, made with rlhfkit in the project's venv and cached.
 
-    .venv/bin/python bench/_prepare.py ppo SETTINGS.json WORK_DIR
+    .venv/bin/python bench/_prepare.py ppo SETTINGS.json WORK_DIR      # also grpo, rloo: the same inputs
     .venv/bin/python bench/_prepare.py reward SETTINGS.json WORK_DIR
 
 Both print one JSON object (paths and facts) on stdout, prefixed ``BENCH ``; everything else goes
@@ -9,7 +9,8 @@ to stderr.
 - Preference data (cached under ``bench/.cache/prefs-*``): ``rlhf generate`` on the LAST
   ``rm_prompts`` prompts of ``builtin:realtoxicity`` (the PPO prompts are the first ones), then
   ``rlhf label judge --judge nontoxic`` with the demo's settings (tau 0.05, near-ties < 0.05 left out).
-- ``ppo``: a reward model trained with rlhfkit on that data (cached under ``bench/.cache/ppo-rm-*``),
+- ``ppo`` (and ``grpo``, ``rloo``, which need the same inputs: ``batch_size`` counts prompts per step):
+  a reward model trained with rlhfkit on that data (cached under ``bench/.cache/ppo-rm-*``),
   exported for TRL as a full ``LlamaForSequenceClassification`` directory (the LoRA merged into the
   weights, ``score`` = our head with the reward normalisation PPO applies folded in, the bias beside
   it in ``score_head.safetensors``: Llama's ``score`` has none), checked against rlhfkit's own scoring;
@@ -276,7 +277,8 @@ def main() -> None:
     kind, settings_file, work = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     settings = json.loads(settings_file.read_text())
     work.mkdir(parents=True, exist_ok=True)
-    result = prepare_ppo(settings, work) if kind == "ppo" else prepare_reward(settings, work)
+    online = ("ppo", "grpo", "rloo")  # online RL: reward model, its TRL export, prompts in rlhfkit's order
+    result = prepare_ppo(settings, work) if kind in online else prepare_reward(settings, work)
     print("BENCH " + json.dumps(result), flush=True)
 
 
