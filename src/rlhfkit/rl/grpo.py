@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from rlhfkit.config import option
@@ -78,52 +79,39 @@ class GRPOTrainer(OnlineTrainer):
                 r, timing = self.rollout(self.stream.take(cfg.batch_size))
                 t0 = time.perf_counter()
                 mask = r.response_mask
-                n = r.ids.shape[0]
                 # 2. Group advantages: each completion against the other completions of its prompt.
                 advantages = group_advantages(r.penalized, k, cfg.scale_rewards)
                 flat_groups = zero_variance_share(r.penalized, k)
                 # 3. Every group flat: nothing to learn from this batch.
-                update_policy = flat_groups < 1.0
-                if not update_policy:
+                if flat_groups == 1.0:
                     self.warn_no_signal(r, "group")
                 # 4. Clipped policy-gradient passes over mini-batches, k3 KL to the reference in the loss.
-                learning_rate = self.scheduler.get_last_lr()[0]
-                stats: dict[str, list[float]] = {"loss": [], "clip_frac": [], "approx_kl": [], "kl_ref": []}
-                for mb in self.minibatches(n, cfg.mini_batch_size, cfg.num_iterations) if update_policy else []:
-                    lower = r.lower[mb] if r.lower is not None else None
-                    logprobs, _, _ = self.model(
-                        r.ids[mb], r.mask[mb], lower, r.query_len, cfg.temperature, with_values=False
-                    )
-                    loss, mb_stats = grpo_loss(
-                        logprobs,
-                        r.logprobs[mb],
-                        r.ref_logprobs[mb] if cfg.beta else None,
-                        advantages[mb],
-                        mask[mb],
-                        cfg.epsilon,
-                        epsilon_high,
-                        cfg.beta,
-                        cfg.loss_type,
-                        cfg.max_new_tokens,
-                    )
-                    self.optimizer_step(loss)
-                    stats["loss"].append(float(loss.detach()))
-                    for key, value in mb_stats.items():
-                        stats[key].append(float(value))
-                self.advance_schedule()
+                loss_fn = partial(
+                    grpo_loss,
+                    epsilon_low=cfg.epsilon,
+                    epsilon_high=epsilon_high,
+                    beta=cfg.beta,
+                    loss_type=cfg.loss_type,
+                    max_tokens=cfg.max_new_tokens,
+                )
+                per_row = {
+                    "old_logprobs": r.logprobs,
+                    "ref_logprobs": r.ref_logprobs if cfg.beta else None,
+                    "advantages": advantages,
+                    "mask": mask,
+                }
+                stats = ("clip_frac", "approx_kl", "kl_ref")
+                update = self.policy_passes(
+                    r, cfg.num_iterations, cfg.mini_batch_size, loss_fn, per_row, stats, flat_groups < 1.0
+                )
                 timing["time_train"] = time.perf_counter() - t0
                 # 5. Log, monitor, checkpoint; stop at the budget, a reward threshold, hacking or runaway KL.
                 seq_kl = (kl_per_token(r.logprobs, r.ref_logprobs, "k1") * mask).sum(-1)
                 metrics = {
                     **self.rollout_metrics(r, seq_kl),
                     "beta": cfg.beta,
-                    **{key: (sum(v) / len(v) if v else 0.0) for key, v in stats.items()},
-                    "updates": len(stats["loss"]),
-                    "policy_updated": int(update_policy),
-                    "group_reward_std": float(r.penalized.view(-1, k).std(dim=1).mean()),
-                    "zero_variance_groups": flat_groups,
-                    "advantage_abs_mean": float(advantages.abs().mean()),
-                    "learning_rate": learning_rate,
+                    **update,
+                    **self.group_metrics(r, advantages, flat_groups),
                 }
                 if self.end_step(metrics, timing, started):
                     break

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from rlhfkit.config import option
@@ -86,7 +87,6 @@ class RLOOTrainer(OnlineTrainer):
                 r, timing = self.rollout(self.stream.take(cfg.batch_size))
                 t0 = time.perf_counter()
                 mask = r.response_mask
-                n = r.ids.shape[0]
                 # 2. Sequence reward: the score minus kl_coef x the response's KL to the reference.
                 seq_kl = (kl_per_token(r.logprobs, r.ref_logprobs, "k1") * mask).sum(-1)
                 rewards = r.penalized - self.kl_ctl.value * seq_kl
@@ -95,37 +95,22 @@ class RLOOTrainer(OnlineTrainer):
                 if cfg.normalize_advantages:
                     advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
                 flat_groups = zero_variance_share(r.penalized, k)
-                update_policy = flat_groups < 1.0
-                if not update_policy:
+                if flat_groups == 1.0:
                     self.warn_no_signal(r, "group")
                 # 4. Clipped sequence-ratio passes over mini-batches.
-                learning_rate = self.scheduler.get_last_lr()[0]
-                stats: dict[str, list[float]] = {"loss": [], "clip_frac": [], "approx_kl": []}
-                for mb in self.minibatches(n, cfg.mini_batch_size, cfg.num_iterations) if update_policy else []:
-                    lower = r.lower[mb] if r.lower is not None else None
-                    logprobs, _, _ = self.model(
-                        r.ids[mb], r.mask[mb], lower, r.query_len, cfg.temperature, with_values=False
-                    )
-                    loss, mb_stats = sequence_clip_loss(
-                        logprobs, r.logprobs[mb], advantages[mb], mask[mb], cfg.epsilon, epsilon_high
-                    )
-                    self.optimizer_step(loss)
-                    stats["loss"].append(float(loss.detach()))
-                    for key, value in mb_stats.items():
-                        stats[key].append(float(value))
-                self.advance_schedule()
+                loss_fn = partial(sequence_clip_loss, epsilon_low=cfg.epsilon, epsilon_high=epsilon_high)
+                per_row = {"old_logprobs": r.logprobs, "advantages": advantages, "mask": mask}
+                update = self.policy_passes(
+                    r, cfg.num_iterations, cfg.mini_batch_size, loss_fn, per_row, ("clip_frac", "approx_kl"),
+                    flat_groups < 1.0,
+                )  # fmt: skip
                 timing["time_train"] = time.perf_counter() - t0
                 metrics = {
                     **self.rollout_metrics(r, seq_kl),
                     "kl_coef": self.kl_ctl.value,
                     "rlhf_reward": float(rewards.mean()),
-                    **{key: (sum(v) / len(v) if v else 0.0) for key, v in stats.items()},
-                    "updates": len(stats["loss"]),
-                    "policy_updated": int(update_policy),
-                    "group_reward_std": float(r.penalized.view(-1, k).std(dim=1).mean()),
-                    "zero_variance_groups": flat_groups,
-                    "advantage_abs_mean": float(advantages.abs().mean()),
-                    "learning_rate": learning_rate,
+                    **update,
+                    **self.group_metrics(r, advantages, flat_groups),
                 }
                 # 5. The KL controller sees this step's KL.
                 self.kl_ctl.update(metrics["kl"])

@@ -15,7 +15,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,6 +280,48 @@ class OnlineTrainer:
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, size):
                 yield order[start : start + size]
+
+    def policy_passes(
+        self,
+        r: Rollout,
+        epochs: int,
+        size: int,
+        loss_fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]],
+        per_row: dict[str, torch.Tensor | None],
+        stat_keys: tuple[str, ...],
+        update: bool = True,
+    ) -> dict[str, float]:
+        """A critic-free update: ``epochs`` passes over the rollout in mini-batches of ``size`` rows, one
+        gradient step each on ``loss_fn(logprobs, **per_row sliced to the mini-batch)`` -> (loss, stats);
+        then one schedule step. Returns the mean of each stat, ``updates``, ``policy_updated`` and the
+        learning rate used."""
+        learning_rate = self.scheduler.get_last_lr()[0]
+        stats: dict[str, list[float]] = {key: [] for key in ("loss", *stat_keys)}
+        for rows in self.minibatches(r.ids.shape[0], size, epochs) if update else []:
+            lower = r.lower[rows] if r.lower is not None else None
+            logprobs, _, _ = self.model(
+                r.ids[rows], r.mask[rows], lower, r.query_len, self.cfg.temperature, with_values=False
+            )
+            loss, mb_stats = loss_fn(logprobs, **{k: v[rows] if v is not None else None for k, v in per_row.items()})
+            self.optimizer_step(loss)
+            stats["loss"].append(float(loss.detach()))
+            for key in stat_keys:
+                stats[key].append(float(mb_stats[key]))
+        self.advance_schedule()
+        return {
+            **{key: (sum(v) / len(v) if v else 0.0) for key, v in stats.items()},
+            "updates": len(stats["loss"]),
+            "policy_updated": int(update),
+            "learning_rate": learning_rate,
+        }
+
+    def group_metrics(self, r: Rollout, advantages: torch.Tensor, flat_groups: float) -> dict[str, float]:
+        """What group algorithms log beside PPO's keys: the signal inside the groups."""
+        return {
+            "group_reward_std": float(r.penalized.view(-1, r.group_size).std(dim=1).mean()),
+            "zero_variance_groups": flat_groups,
+            "advantage_abs_mean": float(advantages.abs().mean()),
+        }
 
     def advance_schedule(self) -> None:
         """One learning-rate schedule step per training step, updated or not (a skipped update would
