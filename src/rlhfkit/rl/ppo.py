@@ -193,19 +193,11 @@ class PPOTrainer(OnlineTrainer):
             "learning_rate": learning_rate,
         }
 
-    def extra_state(self) -> dict[str, Any]:
-        return {"kl_controller": self.kl_ctl.state_dict()}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.kl_ctl.load_state_dict(state["kl_controller"])
-
     def card_method(self) -> str:
         return "PPO against a reward with a KL penalty to the base model"
 
     def card_settings(self) -> str:
-        cfg = self.cfg
-        adaptive = f" (adaptive, target {cfg.target_kl})" if cfg.target_kl else ""
-        return f"{cfg.ppo_epochs} PPO epochs, KL coef {cfg.kl_coef}{adaptive}"
+        return f"{self.cfg.ppo_epochs} PPO epochs, {super().card_settings()}"
 
 
 def run_ppo(cfg: PPOConfig) -> dict[str, Any]:

@@ -119,19 +119,8 @@ class RLOOTrainer(OnlineTrainer):
                     break
         return self.finish()
 
-    def extra_state(self) -> dict[str, Any]:
-        return {"kl_controller": self.kl_ctl.state_dict()}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.kl_ctl.load_state_dict(state["kl_controller"])
-
     def card_method(self) -> str:
         return "RLOO (leave-one-out baseline, no critic) against a reward with a KL penalty to the base model"
-
-    def card_settings(self) -> str:
-        cfg = self.cfg
-        adaptive = f" (adaptive, target {cfg.target_kl})" if cfg.target_kl else ""
-        return f"KL coef {cfg.kl_coef}{adaptive}"
 
 
 def run_rloo(cfg: RLOOConfig) -> dict[str, Any]:

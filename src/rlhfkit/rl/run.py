@@ -33,7 +33,7 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import SamplingParams, encode_prompts
 from rlhfkit.judges import distinct_n
 from rlhfkit.models import DEFAULT_MODEL, load_tokenizer, trainable_state
-from rlhfkit.rl.losses import masked_mean
+from rlhfkit.rl.losses import KLController, masked_mean
 from rlhfkit.rl.monitor import Alert, Monitor, detect
 from rlhfkit.rl.roles import POLICY, VALUE, Roles, build_roles, is_value_param
 from rlhfkit.rl.rollout import PromptStream, Rollout, collect_rollout
@@ -204,6 +204,7 @@ class OnlineTrainer:
             else None
         )
         self._warned_no_signal = False
+        self.kl_ctl: KLController | None = None  # PPO and RLOO steer their KL penalty with one
 
     def _lr_factor(self, step: int) -> float:
         if self.cfg.lr_schedule == "linear":
@@ -441,11 +442,12 @@ class OnlineTrainer:
     # -- checkpoints ------------------------------------------------------------------------------
 
     def extra_state(self) -> dict[str, Any]:
-        """The algorithm's own state to checkpoint (a KL controller...); JSON."""
-        return {}
+        """The algorithm's own state to checkpoint (JSON): its KL controller, when it has one."""
+        return {"kl_controller": self.kl_ctl.state_dict()} if self.kl_ctl is not None else {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
+        if self.kl_ctl is not None:
+            self.kl_ctl.load_state_dict(state["kl_controller"])
 
     def save_checkpoint(self) -> Path:
         return save_checkpoint(
@@ -544,7 +546,10 @@ class OnlineTrainer:
         return "online RL against a reward with a KL penalty to the base model"
 
     def card_settings(self) -> str:
-        return ""
+        if self.kl_ctl is None:
+            return ""
+        target = self.kl_ctl.target
+        return f"KL coef {self.kl_ctl.floor}" + (f" (adaptive, target {target})" if target else "")
 
 
 def run_online(trainer_class: type[OnlineTrainer], cfg: RLConfig) -> dict[str, Any]:
