@@ -271,7 +271,7 @@ class PairSequences:
     def __init__(self, seqs: list[list[int]], starts: list[int], pad_id: int, split: int) -> None:
         bad = [i for i, s in enumerate(starts) if s < 1]
         if bad:
-            raise RlhfkitError(f"{len(bad)} pairs have an empty prompt: DPO needs a prompt to condition on")
+            raise RlhfkitError(f"{len(bad)} completions have an empty prompt: DPO needs a prompt to condition on")
         self.seqs, self.starts, self.pad_id, self.split = seqs, starts, pad_id, split
         self.lengths = torch.tensor([len(s) - b for s, b in zip(seqs, starts, strict=True)], dtype=torch.float32)
         self.cache: list[torch.Tensor] | None = None
