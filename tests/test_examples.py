@@ -10,6 +10,7 @@ from rlhfkit.cli import EvalConfig, GenerateConfig, LabelJudgeConfig
 from rlhfkit.config import load_yaml_config, resolve_config
 from rlhfkit.demo import DemoConfig
 from rlhfkit.reward import RewardTrainConfig
+from rlhfkit.rl.dpo import DPOConfig
 from rlhfkit.rl.grpo import GRPOConfig
 from rlhfkit.rl.ppo import PPOConfig
 from rlhfkit.rl.rloo import RLOOConfig
@@ -22,6 +23,7 @@ CONFIGS = {
     "ppo.yaml": PPOConfig,
     "grpo.yaml": GRPOConfig,
     "rloo.yaml": RLOOConfig,
+    "dpo.yaml": DPOConfig,
     "demo_quick.yaml": DemoConfig,
     "eval.yaml": EvalConfig,
 }

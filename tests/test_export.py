@@ -130,3 +130,18 @@ def test_export_command(tmp_path: Path, run_dir: Path) -> None:
     assert (out / "adapter_model.safetensors").exists()
     again = CliRunner().invoke(app, ["export", "--base", BASE, "--adapter", str(run_dir), "--out", str(out)])
     assert again.exit_code == 2 and "not empty" in again.output
+
+
+def test_training_algorithm_is_read_from_the_run_config() -> None:
+    from dataclasses import asdict
+
+    from rlhfkit.rl.dpo import DPOConfig
+    from rlhfkit.rl.grpo import GRPOConfig
+    from rlhfkit.rl.rloo import RLOOConfig
+    from rlhfkit.serving.export import training_algorithm
+
+    assert training_algorithm(asdict(PPOConfig())) == "PPO"
+    assert training_algorithm(asdict(GRPOConfig())) == "GRPO"
+    assert training_algorithm(asdict(RLOOConfig())) == "RLOO"
+    assert training_algorithm(asdict(DPOConfig())) == "DPO"
+    assert training_algorithm({}) == "RLHF"

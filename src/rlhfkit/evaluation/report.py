@@ -103,7 +103,8 @@ def _moving(values: list[float], k: int) -> list[float]:
 
 
 def plot_training(logs: dict[str, list[dict]], path: Path) -> bool:
-    """Reward, monitor, KL and its coefficient, entropy, length and diversity per step."""
+    """Per step: reward, monitor, KL and its coefficient, entropy, length and diversity (online RL);
+    loss, implicit-reward margin, chosen/rejected log-probs and held-out KL (DPO)."""
     import matplotlib.pyplot as plt
 
     panels = [
@@ -113,6 +114,11 @@ def plot_training(logs: dict[str, list[dict]], path: Path) -> bool:
         ("entropy", "entropy (nats / token)"),
         ("response_length", "response length (tokens)"),
         ("distinct_2", "distinct-2 of rollouts"),
+        ("loss", "DPO loss"),
+        ("margin", "implicit reward margin (chosen - rejected)"),
+        ("logps_chosen", "log-prob of chosen (falling with rejected: a known DPO failure)"),
+        ("logps_rejected", "log-prob of rejected"),
+        ("monitor_kl", "KL from reference on held-out prompts"),
     ]
     present = [(k, t) for k, t in panels if any(k in r for rows in logs.values() for r in rows)]
     if not present:
@@ -139,7 +145,7 @@ def plot_training(logs: dict[str, list[dict]], path: Path) -> bool:
                 ax.axvline(step, color="#e08a00", linestyle="--", linewidth=1)
                 ax.annotate(kind, (step, ax.get_ylim()[1]), fontsize=7, rotation=90, va="top", color="#e08a00")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("PPO step")
+        ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if len(logs) > 1:
             ax.legend(fontsize=7)
@@ -156,8 +162,8 @@ def plot_frontier(logs: dict[str, list[dict]], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     has_monitor = any("monitor_score" in r for rows in logs.values() for r in rows)
-    if not any("kl" in r for rows in logs.values() for r in rows):
-        return False
+    if not any("kl" in r and "reward_mean" in r for rows in logs.values() for r in rows):
+        return False  # no online RL run among them (a DPO run has no sampled reward)
     fig, axes = plt.subplots(1, 2 if has_monitor else 1, figsize=(12 if has_monitor else 6.5, 4.2), squeeze=False)
     for name, rows in logs.items():
         rows = [r for r in rows if "kl" in r and "reward_mean" in r]
@@ -171,7 +177,7 @@ def plot_frontier(logs: dict[str, list[dict]], path: Path) -> bool:
             monitored = [(kl[i], r["monitor_score"]) for i, r in enumerate(rows) if "monitor_score" in r]
             if monitored:
                 axes[0][1].plot(*zip(*monitored, strict=True), marker="o", label=name)
-    fig.colorbar(points, ax=axes[0][0], label="PPO step")
+    fig.colorbar(points, ax=axes[0][0], label="step")
     axes[0][0].set_xlabel("KL from reference (nats / response, 5-step mean)")
     axes[0][0].set_ylabel("reward (5-step mean)")
     axes[0][0].set_title("reward vs KL (training)", fontsize=10)
@@ -393,7 +399,7 @@ def write_report(out: str | Path, metrics: dict, rows: list[dict], runs: dict[st
 
     figures = []
     if plot_training(logs, plots / "training_curves.png"):
-        figures.append(("Training curves", "training_curves.png", "Per PPO step; dashed lines mark alerts."))
+        figures.append(("Training curves", "training_curves.png", "Per training step; dashed lines mark alerts."))
     if plot_frontier(logs, plots / "reward_vs_kl.png"):
         figures.append(("Reward vs KL", "reward_vs_kl.png", "Each point is a step (5-step means)."))
     if plot_histograms(rows, scored, models, plots / "score_histograms.png"):

@@ -198,6 +198,17 @@ def _write_merged(base: str, source: AdapterSource, out: Path) -> None:
     merged.save_pretrained(out)
 
 
+def training_algorithm(cfg: dict[str, Any]) -> str:
+    """Which trainer wrote a run's config.yaml, from the options only it has."""
+    if "ppo_epochs" in cfg:
+        return "PPO"
+    if "num_generations" in cfg:
+        return "GRPO" if "loss_type" in cfg else "RLOO"
+    if "data" in cfg and "beta" in cfg:
+        return "DPO"
+    return "RLHF"
+
+
 def write_export_card(out: Path, base: str, source: AdapterSource, merged: bool) -> None:
     """README.md: Hugging Face metadata, then base, data, metrics and how to load or serve it."""
     cfg, metrics = source.run_config, source.last_metrics()
@@ -215,7 +226,9 @@ def write_export_card(out: Path, base: str, source: AdapterSource, merged: bool)
     header = {
         "base_model": base,
         "library_name": "transformers" if merged else "peft",
-        "tags": ["rlhf", "ppo", "rlhfkit"] + ([] if merged else ["lora"]),
+        "tags": list(
+            dict.fromkeys(["rlhf", training_algorithm(cfg).lower(), "rlhfkit"] + ([] if merged else ["lora"]))
+        ),
     }
     title = "merged model" if merged else "LoRA adapter"
     lines = [
@@ -231,10 +244,21 @@ def write_export_card(out: Path, base: str, source: AdapterSource, merged: bool)
         f"- base model: `{base}` (weights from `{resolve_model_path(base)}`)",
         f"- adapter: {lora}" + (", merged into the base weights" if merged else ""),
     ]
-    if cfg:
+    algo = training_algorithm(cfg)
+    if cfg and algo == "DPO":
         lines += [
-            f"- training: PPO, {metrics.get('step', cfg.get('max_steps'))} steps x {cfg.get('batch_size')} prompts, "
-            f"learning rate {cfg.get('learning_rate')}, KL coefficient {cfg.get('kl_coef')}",
+            f"- training: DPO ({cfg.get('loss_type')}), beta {cfg.get('beta')}, {metrics.get('step')} steps x "
+            f"{cfg.get('batch_size')} pairs, learning rate {cfg.get('learning_rate')}",
+            f"- data: preferences `{cfg.get('data')}`",
+        ]
+    elif cfg:
+        kl = f"beta {cfg.get('beta')}" if algo == "GRPO" else f"KL coefficient {cfg.get('kl_coef')}"
+        if cfg.get("target_kl"):
+            kl += f" (adaptive, target {cfg.get('target_kl')} nats)"
+        group = f" x {cfg.get('num_generations')} completions" if cfg.get("num_generations") else ""
+        lines += [
+            f"- training: {algo}, {metrics.get('step', cfg.get('max_steps'))} steps x {cfg.get('batch_size')} "
+            f"prompts{group}, learning rate {cfg.get('learning_rate')}, {kl}",
             f"- data: prompts `{cfg.get('prompts')}`, reward `{cfg.get('reward')}`",
         ]
         reward_metrics = Path(str(cfg.get("reward", ""))) / "metrics.json"
@@ -245,8 +269,9 @@ def write_export_card(out: Path, base: str, source: AdapterSource, merged: bool)
     else:
         lines.append("- data: unknown (exported from a bare adapter directory, no run config)")
     if metrics:
-        lines += ["", "| last PPO step | value |", "|---|---|"]
+        lines += ["", f"| last {algo} step | value |", "|---|---|"]
         keys = ("step", "reward_mean", "kl", "kl_coef", "entropy", "response_length", "eos_rate")
+        keys += ("loss", "accuracy", "margin", "logps_chosen", "logps_rejected")
         lines += [f"| {k} | {fmt_value(metrics[k])} |" for k in keys if k in metrics]
     lines += ["", "## Use", ""]
     if merged:
