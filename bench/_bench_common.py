@@ -8,7 +8,8 @@ Standard library only: the parents run these, and so may a worker in a TRL virtu
   the pinned CPU build (an unpinned torch would pull a multi-GB CUDA build).
 - ``run_worker``: a worker script in its own process with the allocator tunables set, its JSON lines
   on stdout collected, its stderr kept in a log file.
-- machine facts and small formatting helpers for the tables and ``bench/RESULTS.md``.
+- machine facts (``machine``, ``measured_line``: the report's first sentence) and small formatting
+  helpers for the tables and ``bench/RESULTS.md``.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import DEFAULT_MODEL
 
 console = Console()
-ALGOS = ("ppo", "grpo", "rloo")
+ALGOS = ("ppo", "grpo", "rloo", "dpo")
 
 
 @dataclass
@@ -40,7 +40,9 @@ class DemoConfig:
     held_out: int = option(0, "Held-out prompts for the final evaluation (0 = 100, or 64 with --quick).")
     num_completions: int = option(4, "Completions per prompt (every pair is labelled).")
     max_new_tokens: int = option(32, "Longest completion, in generation, PPO and evaluation.")
-    algo: str = option("ppo", "RL algorithm of the fourth stage: ppo, grpo or rloo.")
+    algo: str = option(
+        "ppo", "Fourth stage: ppo, grpo or rloo against the reward model, or dpo straight from the labelled pairs."
+    )
     ppo_steps: int = option(0, "RL steps (0 = 100, or 40 with --quick).")
     label_min_gap: float = option(0.05, "Judge-score gap under which a pair is a near-tie and left out.")
     reward_epochs: int = option(3, "Reward model epochs.")
@@ -53,6 +55,8 @@ class DemoConfig:
     )
     target_kl: float = option(2.0, "The RL stage's KL target, nats per response (PPO, RLOO).")
     grpo_beta: float = option(0.04, "GRPO's KL weight in the loss.")
+    dpo_beta: float = option(0.1, "DPO's beta (higher = stays closer to the base).")
+    dpo_epochs: int = option(3, "DPO epochs over the labelled pairs.")
     seed: int = option(0, "Seed of every stage.")
 
     def __post_init__(self) -> None:
@@ -115,6 +119,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         EvalConfig,
         GenerateConfig,
         LabelJudgeConfig,
+        run_dpo_command,
         run_eval,
         run_generate,
         run_grpo_command,
@@ -126,6 +131,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from rlhfkit.data import load_prompts, prompt_row, read_rows, write_jsonl
     from rlhfkit.evaluation import gains_and_losses
     from rlhfkit.reward import RewardTrainConfig
+    from rlhfkit.rl.dpo import DPOConfig
 
     out = Path(cfg.out)
     if any((out / algo / "metrics.jsonl").exists() for algo in ALGOS):
@@ -195,9 +201,26 @@ def run_demo(cfg: DemoConfig) -> dict:
             )
         )
 
-    with _stage(f"4/5 {cfg.algo.upper()} against the reward model", cfg.algo, seconds):
-        command = {"ppo": run_ppo_command, "grpo": run_grpo_command, "rloo": run_rloo_command}[cfg.algo]
-        rl_summary = command(demo_rl_config(cfg, out, steps, n_monitor))
+    if cfg.algo == "dpo":
+        with _stage("4/5 DPO on the labelled pairs (the reward model only scores the evaluation)", "dpo", seconds):
+            rl_summary = run_dpo_command(
+                DPOConfig(
+                    data=str(out / "preferences.jsonl"),
+                    out=str(out / "dpo"),
+                    policy=cfg.model,
+                    beta=cfg.dpo_beta,
+                    epochs=cfg.dpo_epochs,
+                    eval_fraction=0.2,
+                    seed=cfg.seed,
+                    monitor_prompts=str(out / "prompts_monitor.jsonl"),
+                    monitor_num_prompts=n_monitor,
+                    monitor_max_new_tokens=cfg.max_new_tokens,
+                )
+            )
+    else:
+        with _stage(f"4/5 {cfg.algo.upper()} against the reward model", cfg.algo, seconds):
+            command = {"ppo": run_ppo_command, "grpo": run_grpo_command, "rloo": run_rloo_command}[cfg.algo]
+            rl_summary = command(demo_rl_config(cfg, out, steps, n_monitor))
 
     with _stage("5/5 evaluate base vs tuned on held-out prompts, write the report", "eval", seconds):
         metrics = run_eval(
@@ -218,7 +241,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     metrics["pipeline"] = {
         "reward_model": {k: reward_metrics.get(k) for k in ("eval_accuracy", "eval_judge_accuracy", "train_pairs")},
         "labels": {k: labels.get(k) for k in ("count", "agreement")},
-        cfg.algo: {k: rl_summary.get(k) for k in ("steps", "reward_mean", "kl", "monitor_score", "alerts")},
+        cfg.algo: {
+            k: rl_summary.get(k)
+            for k in ("steps", "reward_mean", "kl", "monitor_score", "alerts", "eval_accuracy", "monitor_kl")
+            if k in rl_summary
+        },
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "total_seconds": round(time.perf_counter() - started, 1),
     }
