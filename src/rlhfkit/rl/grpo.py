@@ -93,6 +93,9 @@ class GRPOTrainer(OnlineTrainer):
                     beta=cfg.beta,
                     loss_type=cfg.loss_type,
                     max_tokens=cfg.max_new_tokens,
+                    # dapo: every optimizer step divides by the batch's tokens per mini-batch (TRL's
+                    # normaliser), not by its own mini-batch's count (that would be bnpo).
+                    tokens_in_batch=float(mask.sum()) * min(cfg.mini_batch_size, len(mask)) / len(mask),
                 )
                 per_row = {
                     "old_logprobs": r.logprobs,

@@ -256,8 +256,9 @@ def grpo_loss(
     ratio to the sampling policy and ``A`` the sequence's advantage. Aggregation (``loss_type``):
 
     - ``grpo``: mean over each sequence's tokens, then over sequences (long answers weigh less per token);
-    - ``dapo``: sum over every token of the batch / the batch's token count (``tokens_in_batch``, the
-      whole rollout batch's when the loss is split into mini-batches; default this mini-batch's);
+    - ``dapo``: sum over the mini-batch's tokens / ``tokens_in_batch``: the rollout batch's token count
+      divided by its number of mini-batches (TRL's normaliser: a long mini-batch weighs more), by
+      default this mini-batch's own count (which is TRL's ``bnpo``);
     - ``dr_grpo``: sum over every token / (sequences x ``max_tokens``): no length bias at all.
     """
     log_ratio = logprobs - old_logprobs
