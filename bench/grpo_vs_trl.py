@@ -30,9 +30,9 @@ from _online_vs_trl import SHARED_DIFFERENCES, Algo, main
 
 DIFFERENCES = [
     *SHARED_DIFFERENCES,
-    "dapo normaliser: rlhfkit divides each mini-batch's summed token loss by that mini-batch's token count; TRL by "
-    "the generation batch's token count / steps_per_generation (the same when every mini-batch has as many "
-    "tokens, or with one mini-batch per step).",
+    "dapo normaliser: both divide a mini-batch's summed token loss by the generation batch's token count / its "
+    "number of mini-batches (TRL's steps_per_generation; rlhfkit since 2026-12-02 15:10, before which it divided by "
+    "the mini-batch's own count, TRL's bnpo: the quick run of that day measured the earlier rule).",
     "Old log-probs: rlhfkit keeps the sampling policy's log-probs from the rollout's scoring pass; TRL computes "
     "them in an extra forward pass when the batch is split into several optimizer steps (else it reuses the "
     "detached current ones).",
