@@ -139,7 +139,8 @@ def kl_without_reward(rows: Sequence[dict[str, Any]], window: int, kl_rise: floa
             rows[-1]["step"],
             f"KL rose {kl_before:.2f} -> {kl_recent:.2f} nats over the last {2 * window} steps while the "
             f"penalised score stayed flat ({_mean(score_before):+.3f} -> {_mean(score_recent):+.3f}): the policy "
-            "drifts from the base without earning reward (raise --kl-coef or set --target-kl)",
+            "drifts from the base without earning reward (strengthen the KL term: --target-kl or --kl-coef; "
+            "GRPO: --beta)",
         )
     return None
 
