@@ -637,7 +637,20 @@ def test_reward_train_bad_options(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# rlhf demo (only its error path: the demo itself takes minutes)
+# rlhf demo (the default model takes minutes: test_slow; here tiny-random through every stage)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "dpo"])
+def test_demo_with_another_algorithm_on_tiny_random(tmp_path: Path, algo: str) -> None:
+    """`--algo` wires the fourth stage: its run directory is what the evaluation compares with the base."""
+    out = tmp_path / "demo"
+    args = ["--quick", "--model", "tiny-random", "--num-prompts", "16", "--held-out", "8", "--ppo-steps", "2"]
+    ok("demo", *args, "--algo", algo, "--dpo-epochs", "1", "--out", out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["pipeline"][algo]["steps"] >= 1
+    assert (out / algo / "adapter" / "adapter_config.json").exists()
+    assert metrics["settings"]["adapters"] == {algo: str(out / algo)}
+    assert "tuned" in metrics and (out / "SUMMARY.md").read_text().count(algo.upper()) >= 1
 
 
 def test_demo_unknown_prompt_set(tmp_path: Path) -> None:
