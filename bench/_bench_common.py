@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -214,3 +215,26 @@ def write_results_section(path: Path, key: str, title: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     path.write_text(text, encoding="utf-8")
+
+
+def step_timer():
+    """A transformers ``TrainerCallback`` (for the TRL workers) that records each optimizer step's
+    seconds (``on_step_begin`` to ``on_step_end``) and logged loss in ``.rows``."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.t0 = time.perf_counter()
+            self.rows: list[dict[str, Any]] = []
+
+        def on_step_begin(self, *_: Any, **__: Any) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, _args: Any, state: Any, *_: Any, **__: Any) -> None:
+            self.rows.append({"step": state.global_step, "seconds": time.perf_counter() - self.t0})
+
+        def on_log(self, _args: Any, _state: Any, _control: Any, logs: dict | None = None, **__: Any) -> None:
+            if self.rows and logs and "loss" in logs:
+                self.rows[-1]["loss"] = float(logs["loss"])
+
+    return StepTimer()

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _bench_common import step_timer
 from torch import nn
 
 
@@ -37,7 +38,7 @@ def main() -> None:
 
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     class PretokenizedDPOTrainer(DPOTrainer):
@@ -99,24 +100,7 @@ def main() -> None:
         dataloader_num_workers=0,
     )
 
-    class StepTimer(TrainerCallback):
-        """Seconds per optimizer step (``on_step_begin`` to ``on_step_end``) and the step's logged loss."""
-
-        def __init__(self) -> None:
-            self.t0 = time.perf_counter()
-            self.rows: list[dict[str, Any]] = []
-
-        def on_step_begin(self, *_: Any, **__: Any) -> None:
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, _args: Any, state: Any, *_: Any, **__: Any) -> None:
-            self.rows.append({"step": state.global_step, "seconds": time.perf_counter() - self.t0})
-
-        def on_log(self, _args: Any, _state: Any, _control: Any, logs: dict | None = None, **__: Any) -> None:
-            if self.rows and logs and "loss" in logs:
-                self.rows[-1]["loss"] = float(logs["loss"])
-
-    timer = StepTimer()
+    timer = step_timer()
     trainer = PretokenizedDPOTrainer(
         model=model, args=args, train_dataset=train, processing_class=tok, peft_config=peft_config, callbacks=[timer]
     )
