@@ -19,8 +19,9 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import SamplingParams, left_pad
 from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.reward import new_head, right_pad
+from rlhfkit.rl import roles as roles_module
 from rlhfkit.rl.ppo import PPOConfig, PPOTrainer, run_ppo
-from rlhfkit.rl.roles import Roles, response_logprobs
+from rlhfkit.rl.roles import Roles, build_roles, is_value_param, response_logprobs
 
 TOKEN_REWARD = f"{Path(__file__).parent / 'assets' / 'token_reward.py'}:favoured_share"
 
@@ -57,6 +58,39 @@ def small_config(prompts: Path, out: Path, **overrides: object) -> PPOConfig:
     return PPOConfig(**settings)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations() -> None:
+    """Policy (checkpointed) and critic (never: its adapter is switched on only during its forward)
+    on one trunk: the same log-probs, values and gradients with checkpointing on and off, and the
+    checkpointed forward keeps fewer tensors for backward."""
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        roles, _ = build_roles("tiny-random", False, 4, 8, 2, critic=True, gradient_checkpointing=checkpointing)
+        for name, param in roles.named_parameters():
+            # peft starts B at 0 (every adapter would compute the same) and the critic's head is 0.
+            if "lora_B" in name or name.startswith("value_head"):
+                torch.nn.init.normal_(param, std=0.5)
+        ids = torch.randint(0, 100, (3, 12))
+        mask = torch.ones_like(ids)
+        saved: list[int] = []
+
+        def keep(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            logp, values, _ = roles(ids, mask, None, 5, 0.7)
+        (logp.sum() + values.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in roles.named_parameters() if p.requires_grad}
+        results.append((logp.detach(), values.detach(), grads, sum(saved)))
+    (logp0, values0, grads0, saved0), (logp1, values1, grads1, saved1) = results
+    assert torch.equal(logp0, logp1) and torch.equal(values0, values1)
+    assert grads0.keys() == grads1.keys() and any(is_value_param(n) for n in grads0)
+    for name, grad in grads0.items():
+        assert torch.allclose(grad, grads1[name], atol=1e-6), name
+    assert saved1 < saved0
+
+
 def test_padded_and_unpadded_sequences_get_the_same_logprobs() -> None:
     model, tok = load_causal_lm("tiny-random"), load_tokenizer("tiny-random")
     policy = Roles(model, new_head(model.config.hidden_size, 0), split=0)
@@ -82,6 +116,32 @@ def test_response_logprobs_use_the_temperature() -> None:
         logp, _ = response_logprobs(model, hidden, ids, 1, temperature=0.5)
         expected = torch.log_softmax(model.lm_head(hidden[:, :-1]) / 0.5, -1).gather(-1, ids[:, 1:, None])
     assert torch.allclose(logp, expected.squeeze(-1), atol=1e-6)
+
+
+@pytest.mark.parametrize("slice_tokens", [1, 5, 10_000])
+def test_sliced_checkpointed_logprobs_equal_the_plain_head(monkeypatch: pytest.MonkeyPatch, slice_tokens: int) -> None:
+    """The LM head in slices, recomputed in backward, gives the plain head's log-probs, entropies and
+    gradients (to the hidden states and to the head's own weight, as full fine-tuning trains it)."""
+    monkeypatch.setattr(roles_module, "LOGIT_TOKENS", slice_tokens)
+    model = load_causal_lm("tiny-random")
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (5, 9))
+    hidden = torch.randn(5, 9, model.config.hidden_size, requires_grad=True)
+    weights = torch.randn(5, 6)
+
+    def plain() -> tuple[torch.Tensor, torch.Tensor]:
+        logp = torch.log_softmax(model.lm_head(hidden[:, 2:-1]) / 0.7, -1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        return logp.gather(-1, ids[:, 3:, None]).squeeze(-1), entropy
+
+    results = []
+    for compute in (plain, lambda: response_logprobs(model, hidden, ids, 3, 0.7, with_entropy=True)):
+        hidden.grad, model.lm_head.weight.grad = None, None
+        logp, entropy = compute()
+        (logp * weights).sum().backward()
+        results.append((logp.detach(), entropy.detach(), hidden.grad.clone(), model.lm_head.weight.grad.clone()))
+    for ours, expected in zip(results[1], results[0], strict=True):
+        assert torch.allclose(ours, expected, atol=1e-5)
 
 
 def test_ppo_raises_a_token_reward_with_bounded_kl(tmp_path: Path, prompts: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 from rlhfkit.rl.losses import (
     KLController,
     apply_eos_penalty,
-    entropy_from_logits,
+    entropy_from_logprobs,
     explained_variance,
     gae,
     group_advantages,
@@ -114,7 +114,9 @@ def test_value_loss_clips_by_hand() -> None:
 
 
 def test_entropy_of_uniform() -> None:
-    assert float(entropy_from_logits(torch.zeros(4))) == pytest.approx(math.log(4))
+    assert float(entropy_from_logprobs(torch.log_softmax(torch.zeros(4), -1))) == pytest.approx(math.log(4))
+    # p = (1/2, 1/4, 1/4): H = 1/2 ln 2 + 2 * 1/4 ln 4 = 1.5 ln 2
+    assert float(entropy_from_logprobs(torch.tensor([0.5, 0.25, 0.25]).log())) == pytest.approx(1.5 * math.log(2))
 
 
 def test_kl_controller_fixed_and_adaptive() -> None:

@@ -70,6 +70,7 @@ from rlhfkit.generation import SamplingParams, encode_prompts, left_pad, sample_
 from rlhfkit.models import (
     DEFAULT_MODEL,
     build_trunk,
+    checkpointed_layers,
     final_hidden,
     load_causal_lm,
     load_tokenizer,
@@ -132,6 +133,11 @@ class DPOConfig:
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r).")
     trainable_layers: int = option(
         4, "LoRA on the top N layers only; the frozen ones below run once per sequence (0 = all)."
+    )
+    gradient_checkpointing: bool = option(
+        True,
+        "Recompute the trained layers' activations in backward instead of keeping them "
+        "(less memory, one more forward of those layers).",
     )
     save_every: int = option(50, "Checkpoint every N steps (the last step is always saved).")
     keep_checkpoints: int = option(2, "Checkpoints kept on disk (oldest removed).")
@@ -254,12 +260,13 @@ def pack(
     return Packed(ids, mask, completion_mask, q, lower)
 
 
-def completion_logps(model: nn.Module, split: int, batch: Packed) -> torch.Tensor:
+def completion_logps(model: nn.Module, split: int, batch: Packed, gradient_checkpointing: bool = False) -> torch.Tensor:
     """Summed log-probs (temperature 1) of each row's completion tokens and EOS under ``model`` as it is now."""
-    if batch.lower is not None:
-        hidden = upper_hidden(model, batch.lower, batch.mask, split)
-    else:
-        hidden = final_hidden(model, batch.ids, batch.mask)
+    with checkpointed_layers(model, split) if gradient_checkpointing else nullcontext():
+        if batch.lower is not None:
+            hidden = upper_hidden(model, batch.lower, batch.mask, split)
+        else:
+            hidden = final_hidden(model, batch.ids, batch.mask)
     token_logps, _ = response_logprobs(model, hidden, batch.ids, batch.query_len, 1.0)
     return (token_logps * batch.completion_mask).sum(-1)
 
@@ -286,9 +293,9 @@ class PairSequences:
     def packed(self, idx: Sequence[int]) -> Packed:
         return pack(idx, self.seqs, self.starts, self.pad_id, self.cache)
 
-    def logps(self, model: nn.Module, idx: Sequence[int]) -> torch.Tensor:
+    def logps(self, model: nn.Module, idx: Sequence[int], gradient_checkpointing: bool = False) -> torch.Tensor:
         """Completion log-probs of sequences ``idx`` (with gradients when enabled)."""
-        return completion_logps(model, self.split, self.packed(idx))
+        return completion_logps(model, self.split, self.packed(idx), gradient_checkpointing)
 
     @torch.no_grad()
     def all_logps(self, model: nn.Module, idx: Sequence[int], batch_size: int = 32) -> torch.Tensor:
@@ -432,7 +439,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
             # 5a. Policy log-probs of the batch's unique sequences (one forward), spread to the pairs.
             seq_idx = flat(pair_idx)
             unique, inverse = torch.unique(torch.tensor(seq_idx), return_inverse=True)
-            logps = data.logps(trunk, unique.tolist())[inverse]
+            logps = data.logps(trunk, unique.tolist(), cfg.gradient_checkpointing)[inverse]
             ref, n_tokens = data.ref_logps[seq_idx], data.lengths[seq_idx]
             if average:
                 logps, ref = logps / n_tokens, ref / n_tokens

@@ -15,13 +15,22 @@ epoch continues from their output when its adapter starts at or above ``split``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from rlhfkit.models import build_trunk, final_hidden, load_causal_lm, lora_config, num_layers, upper_hidden
-from rlhfkit.rl.losses import entropy_from_logits
+from rlhfkit.models import (
+    build_trunk,
+    checkpointed_layers,
+    final_hidden,
+    load_causal_lm,
+    lora_config,
+    num_layers,
+    upper_hidden,
+)
+from rlhfkit.rl.losses import entropy_from_logprobs
 
 POLICY = "default"
 VALUE = "value"
@@ -38,6 +47,7 @@ class Roles(nn.Module):
         split: int,
         value_trunk: nn.Module | None = None,
         value_split: int | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.trunk = trunk
@@ -45,15 +55,28 @@ class Roles(nn.Module):
         self.value_head = value_head
         self.split = split
         self.value_split = split if value_split is None else value_split
+        self.gradient_checkpointing = gradient_checkpointing
         self._trainable = [p for p in self.parameters() if p.requires_grad]
 
     def hidden(
-        self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, lower: torch.Tensor | None, first: int
+        self,
+        model: nn.Module,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        lower: torch.Tensor | None,
+        first: int,
+        checkpointed: bool = False,
     ) -> torch.Tensor:
-        """Final hidden states of ``model`` as it is now; from ``lower`` when the active adapter allows."""
-        if lower is None or first < self.split:
-            return final_hidden(model, ids, mask)
-        return upper_hidden(model, lower, mask, self.split)
+        """Final hidden states of ``model`` as it is now; from ``lower`` when the active adapter allows.
+
+        ``checkpointed``: recompute layers ``first`` and up in backward. Only for the adapter that is
+        active outside any ``adapter()`` switch (the policy's): a recompute runs at backward time,
+        under whichever adapter is active then.
+        """
+        with checkpointed_layers(model, first) if checkpointed else nullcontext():
+            if lower is None or first < self.split:
+                return final_hidden(model, ids, mask)
+            return upper_hidden(model, lower, mask, self.split)
 
     @contextmanager
     def adapter(self, name: str | None, model: nn.Module | None = None) -> Iterator[None]:
@@ -97,7 +120,7 @@ class Roles(nn.Module):
         temperature: float,
         with_entropy: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        hidden = self.hidden(self.trunk, ids, mask, lower, self.split)
+        hidden = self.hidden(self.trunk, ids, mask, lower, self.split, self.gradient_checkpointing)
         return response_logprobs(self.trunk, hidden, ids, query_len, temperature, with_entropy)
 
     def reference_logprobs(
@@ -144,6 +167,7 @@ def build_roles(
     reward_adapter: str | None = None,
     reward_split: int = 0,
     value_head: nn.Linear | None = None,
+    gradient_checkpointing: bool = False,
 ) -> tuple[Roles, bool]:
     """Load ``policy`` once and wire every role on it; returns ``(roles, value_bias_from_scores)``.
 
@@ -185,7 +209,8 @@ def build_roles(
         value_head.requires_grad_(True)
     else:
         value_head = None
-    return Roles(trunk, value_head, split, value_trunk, value_split), bias_from_scores
+    roles = Roles(trunk, value_head, split, value_trunk, value_split, gradient_checkpointing)
+    return roles, bias_from_scores
 
 
 def is_value_param(param_name: str) -> bool:
@@ -206,25 +231,28 @@ def response_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probabilities of the response tokens ``ids[:, query_len:]`` (LM head on those positions only).
 
-    The (rows x response x vocabulary) logits are the largest tensors of a step. Without gradients
-    (rollout, reference, evaluation) the rows go through the head a few at a time, so only a slice
-    of them ever exists; with gradients the mini-batch is already small.
+    The (rows x response x vocabulary) logits are the largest tensors of a step (four of them live
+    at once in a plain backward). The rows go through the head a slice at a time, so only one
+    slice's logits ever exists; with gradients each slice is checkpointed: its backward recomputes
+    the slice's logits (one more LM-head matmul) instead of keeping them from the forward.
     """
     head = model.get_output_embeddings()
     states, targets = hidden[:, query_len - 1 : -1], ids[:, query_len:, None]
-    if torch.is_grad_enabled():
-        return _head_logprobs(head, states, targets, temperature, with_entropy)
-    parts = [
-        _head_logprobs(head, states[i : i + LOGIT_ROWS], targets[i : i + LOGIT_ROWS], temperature, with_entropy)
-        for i in range(0, states.shape[0], LOGIT_ROWS)
-    ]
+    rows = max(1, LOGIT_TOKENS // max(1, targets.shape[1]))
+    parts = []
+    for i in range(0, states.shape[0], rows):
+        args = (head, states[i : i + rows], targets[i : i + rows], temperature, with_entropy)
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_head_logprobs, *args, use_reentrant=False))
+        else:
+            parts.append(_head_logprobs(*args))
     chosen = torch.cat([c for c, _ in parts])
     entropy = torch.cat([e for _, e in parts]) if with_entropy else None  # type: ignore[misc]
     return chosen, entropy
 
 
-LOGIT_ROWS = 4
-"""Rows per LM-head slice without gradients: 4 x 32 tokens x 49k vocabulary is 25 MB a tensor."""
+LOGIT_TOKENS = 64
+"""Response positions per LM-head slice: 64 x 49k vocabulary is 12 MB a tensor."""
 
 
 def _head_logprobs(
@@ -235,5 +263,8 @@ def _head_logprobs(
     logp = torch.log_softmax(logits, dim=-1)
     del logits
     chosen = logp.gather(-1, targets).squeeze(-1)
-    entropy = entropy_from_logits(logp.detach()) if with_entropy else None
+    entropy = None
+    if with_entropy:  # a metric: no gradient
+        with torch.no_grad():
+            entropy = entropy_from_logprobs(logp)
     return chosen, entropy

@@ -91,6 +91,11 @@ class RLConfig:
     trainable_layers: int = option(
         4, "LoRA on the top N layers only; the frozen ones below run once per rollout (0 = all)."
     )
+    gradient_checkpointing: bool = option(
+        True,
+        "Recompute the trained layers' activations in backward instead of keeping them "
+        "(less memory, one more forward of those layers).",
+    )
     save_every: int = option(10, "Checkpoint every N steps (the last step is always saved).")
     keep_checkpoints: int = option(2, "Checkpoints kept on disk (oldest removed).")
     seed: int = option(0, "Seed of prompt order, sampling and initialisation.")
@@ -183,6 +188,7 @@ class OnlineTrainer:
             str(self.reward.adapter_dir) if self.reward.adapter_dir is not None else None,
             self.reward.adapter_split,
             self.reward.value_head_init(cfg.normalize_reward) if critic else None,
+            cfg.gradient_checkpointing,
         )
         self.split = roles.split
         named = [(name, p) for name, p in roles.named_parameters() if p.requires_grad]
