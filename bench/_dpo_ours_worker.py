@@ -82,6 +82,7 @@ def train(s: dict[str, Any], prepared: dict[str, Any], out: Path) -> None:
         lora_r=s["lora_r"],
         lora_alpha=s["lora_alpha"],
         trainable_layers=s["trainable_layers"],
+        gradient_checkpointing=s["gradient_checkpointing"],
         save_every=0,  # the last step's checkpoint only, as TRL saves none
     )
     t0 = time.perf_counter()

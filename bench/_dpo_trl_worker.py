@@ -88,7 +88,7 @@ def main() -> None:
         max_grad_norm=s["max_grad_norm"],
         max_length=None,  # rows are already cut to rlhfkit's max_length
         precompute_ref_log_probs=s["trl_precompute_ref"],
-        gradient_checkpointing=s["trl_gradient_checkpointing"],
+        gradient_checkpointing=s["gradient_checkpointing"],
         bf16=False,
         fp16=False,
         use_cpu=True,

@@ -34,6 +34,7 @@ CONFIG_KEYS = (
     "lora_r",
     "lora_alpha",
     "trainable_layers",
+    "gradient_checkpointing",
     "seed",
 )
 

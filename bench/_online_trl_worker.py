@@ -87,7 +87,7 @@ def trl_config(algo: str, s: dict[str, Any], out: Path) -> tuple[Any, type]:
         "weight_decay": s["weight_decay"],
         "max_grad_norm": s["max_grad_norm"],
         "epsilon": s["epsilon"],
-        "gradient_checkpointing": False,
+        "gradient_checkpointing": s["gradient_checkpointing"],
         "bf16": False,
         "fp16": False,
         "use_cpu": True,

@@ -104,6 +104,12 @@ def parse_args(algo: Algo) -> argparse.Namespace:
     for flag, kind, default, text in OPTIONS:
         p.add_argument(flag, type=kind, default=default, help=text)
     algo.add_args(p)
+    p.add_argument(
+        "--gradient-checkpointing",
+        choices=["on", "off"],
+        default="on",
+        help="on both sides (on: both libraries' default; off: faster, more memory)",
+    )
     p.add_argument("--only", choices=["both", "ours", "trl"], default="both", help="run one side (development)")
     p.add_argument("--work", default=str(common.CACHE / f"{algo.name}_vs_trl"), help="logs, runs, settings")
     p.add_argument("--results", default="", help="markdown file to update (default bench/RESULTS.md on full runs)")
@@ -129,6 +135,7 @@ def settings_from(algo: Algo, args: argparse.Namespace) -> dict[str, Any]:
         warmup=args.warmup,
         rm_prompts=args.rm_prompts,
         rm_completions=args.rm_completions,
+        gradient_checkpointing=args.gradient_checkpointing == "on",
         adam_epsilon=1e-5,
         weight_decay=0.0,
         normalize_reward=True,
@@ -175,7 +182,7 @@ def settings_rows(algo: Algo, s: dict[str, Any], ours: dict | None, trl: dict | 
         ),
         ("reference", "same base, adapters off", "same base, adapters off (peft, no ref model)"),
         ("optimizer", "torch AdamW, eps 1e-5, wd 0", f"{optim}, eps 1e-5, wd 0"),
-        ("gradient checkpointing", "no", "no (TRL's default is yes)"),
+        ("gradient checkpointing", "yes (the default)" if s["gradient_checkpointing"] else "no", "same"),
     ]
     return rows
 

@@ -65,7 +65,9 @@ DIFFERENCES = [
     "reference.",
     "Learning-rate warm-up: the same number of steps; rlhfkit's first step uses lr/warmup, TRL's 0.",
     "Optimizer: both AdamW (eps 1e-8, no weight decay); TRL uses its Trainer's default optim (fused AdamW).",
-    "Gradient checkpointing: off on both (TRL's DPOConfig defaults it on; --trl-gradient-checkpointing).",
+    "Gradient checkpointing (on by default on both sides; --gradient-checkpointing off turns it off on both): "
+    "rlhfkit recomputes the trained layers in backward and its LM head in slices of 64 positions; TRL uses "
+    "transformers' checkpointing of every decoder layer.",
     "Timing: rlhfkit's training time includes its model load and one-off passes; TRL's is trainer.train() alone.",
 ]
 
@@ -94,7 +96,12 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--rm-completions", type=int, default=4, help="completions per prompt (every pair labelled)")
     p.add_argument("--rm-max-new-tokens", type=int, default=32)
-    p.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL's DPOConfig default")
+    p.add_argument(
+        "--gradient-checkpointing",
+        choices=["on", "off"],
+        default="on",
+        help="on both sides (on: both libraries' default; off: faster, more memory)",
+    )
     p.add_argument("--trl-precompute-ref", action="store_true", help="TRL's precompute_ref_log_probs=True")
     p.add_argument("--only", choices=["both", "ours", "trl"], default="both", help="run one side (development)")
     p.add_argument("--work", default=str(CACHE / "dpo_vs_trl"), help="working folder (logs, runs, settings)")
@@ -125,7 +132,7 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         "rm_prompts": args.rm_prompts,
         "rm_completions": args.rm_completions,
         "rm_max_new_tokens": args.rm_max_new_tokens,
-        "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
+        "gradient_checkpointing": args.gradient_checkpointing == "on",
         "trl_precompute_ref": args.trl_precompute_ref,
     }
 
@@ -174,7 +181,7 @@ def settings_rows(s: dict[str, Any], prep: dict[str, Any], trl: dict | None) -> 
         ("frozen lower layers", "run once per unique sequence, cached for every epoch", "run on every step"),
         ("batches", "a prompt's pairs together, each unique completion once", "shuffled pairs"),
         ("optimizer", "torch AdamW", f"{(trl or {}).get('optim', 'Trainer default')}"),
-        ("gradient checkpointing", "no", "yes" if s["trl_gradient_checkpointing"] else "no (TRL's default is yes)"),
+        ("gradient checkpointing", "yes (the default)" if s["gradient_checkpointing"] else "no", "same"),
     ]  # fmt: skip
     return rows
 

@@ -38,7 +38,9 @@ DIFFERENCES = [
     "detached current ones).",
     "Flat steps: rlhfkit skips the update of a step where every group scored the same; TRL still steps (the KL term "
     "only). Rare with a reward model.",
-    "Gradient checkpointing: off on both (TRL's GRPOConfig defaults it on).",
+    "Gradient checkpointing (on by default on both sides; --gradient-checkpointing off turns it off on both): "
+    "rlhfkit recomputes the policy's trained layers in backward and its LM head in slices of 64 positions; TRL "
+    "uses transformers' checkpointing of every decoder layer.",
 ]
 
 

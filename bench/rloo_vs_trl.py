@@ -33,7 +33,9 @@ DIFFERENCES = [
     *SHARED_DIFFERENCES,
     "Flat steps: rlhfkit skips the update of a step where every group's scores are equal; TRL still steps (the "
     "KL part of the reward only). Rare with a reward model.",
-    "Gradient checkpointing: off on both (TRL's RLOOConfig defaults it on).",
+    "Gradient checkpointing (on by default on both sides; --gradient-checkpointing off turns it off on both): "
+    "rlhfkit recomputes the policy's trained layers in backward and its LM head in slices of 64 positions; TRL "
+    "uses transformers' checkpointing of every decoder layer.",
 ]
 
 
