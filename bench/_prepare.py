@@ -168,8 +168,8 @@ def check_export(rm_dir: Path, trl_dir: Path, model: str, prefs: Path, normalize
     from transformers import AutoModelForSequenceClassification
 
     from rlhfkit.data import load_preferences
-    from rlhfkit.models import final_hidden, last_token_index, load_tokenizer
-    from rlhfkit.reward import encode_pairs, load_reward_model, read_reward_dir, right_pad, score_sequences
+    from rlhfkit.models import final_hidden, last_token_index, load_tokenizer, right_pad
+    from rlhfkit.reward import encode_pairs, load_reward_model, read_reward_dir, score_sequences
 
     records = load_preferences(prefs)[:8]
     tok = load_tokenizer(model)

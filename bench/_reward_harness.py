@@ -58,7 +58,7 @@ class Harness:
         self.records = load_preferences(data)
         self.outer_train, self.outer_eval = reward.split_by_prompt(self.records, DEMO["eval_fraction"], DEMO["seed"])
         self._split_by_prompt = reward.split_by_prompt
-        self._cache_lower = reward._cache_lower
+        self._cache_lower = reward.cache_lower
         self._plan: tuple[set[str], set[str]] | None = None
         self.model = DEMO["model"]
         self.store: dict[tuple[str, int], dict[tuple[int, ...], torch.Tensor]] = {}
@@ -66,7 +66,7 @@ class Harness:
         self.memo_seconds = 0.0
         self.last_split: int | None = None
         reward.split_by_prompt = self._split
-        reward._cache_lower = self._cached
+        reward.cache_lower = self._cached
         MEMO.mkdir(parents=True, exist_ok=True)
 
     # -- the split -------------------------------------------------------------------------------
@@ -101,23 +101,23 @@ class Harness:
                 self.full_cost[key] = json.loads(meta.read_text())
         return self.store[key]
 
-    def _cached(self, model, seqs, pad_id, batch_size=32):
+    def _cached(self, model, split, seqs, pad_id, batch_size=32):
         t0 = time.perf_counter()
-        store = self._load(model.split)
-        self.last_split = model.split
+        store = self._load(split)
+        self.last_split = split
         missing = [s for s in {tuple(s) for s in seqs} if s not in store]
         if missing:
             t1 = time.perf_counter()
             rate = matmul_gflops()
             t2 = time.perf_counter()
-            hidden = self._cache_lower(model, [list(s) for s in missing], pad_id, batch_size)
+            hidden = self._cache_lower(model, split, [list(s) for s in missing], pad_id, batch_size)
             seconds = time.perf_counter() - t2
             store.update(zip(missing, hidden, strict=True))
-            torch.save(store, MEMO / f"{self.model}-split{model.split}.pt")
+            torch.save(store, MEMO / f"{self.model}-split{split}.pt")
             if len(missing) == len(set(map(tuple, seqs))):  # the whole file: the real cache pass
                 cost = {"seconds": seconds, "sequences": len(missing), "gflops": rate}
-                self.full_cost[(self.model, model.split)] = cost
-                (MEMO / f"{self.model}-split{model.split}.json").write_text(json.dumps(cost))
+                self.full_cost[(self.model, split)] = cost
+                (MEMO / f"{self.model}-split{split}.json").write_text(json.dumps(cost))
             t0 += t2 - t1  # the matmul probe is not part of the run
         self.memo_seconds = time.perf_counter() - t0
         return [store[tuple(s)] for s in seqs]

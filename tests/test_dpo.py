@@ -18,7 +18,16 @@ from rlhfkit.data import write_jsonl as _write_jsonl
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import build_trunk, load_causal_lm, load_tokenizer
 from rlhfkit.reward import dedupe_sequences, encode_pairs_with_starts
-from rlhfkit.rl.dpo import DPOConfig, PairSequences, completion_logps, dpo_loss, logps_falling, pack, run_dpo
+from rlhfkit.rl.dpo import (
+    CompletionLogps,
+    DPOConfig,
+    PairSequences,
+    completion_logps,
+    dpo_loss,
+    logps_falling,
+    pack,
+    run_dpo,
+)
 from rlhfkit.rundir import read_metrics
 
 GOOD = ["sunny", "calm", "warm", "kind", "bright", "gentle", "happy", "clear"]
@@ -171,7 +180,7 @@ def test_packed_cached_logps_match_each_sequence_alone(prefs: Path) -> None:
     data = PairSequences(seqs, starts, tok.pad_token_id, split)
     data.cache_lower(trunk)
     with torch.no_grad():
-        batched = data.logps(trunk, list(range(len(seqs))))
+        batched = data.logps(CompletionLogps(trunk, split), list(range(len(seqs))))
         alone = [float(completion_logps(trunk, 0, pack([i], seqs, starts, tok.pad_token_id))) for i in range(len(seqs))]
     assert batched.tolist() == pytest.approx(alone, rel=1e-4, abs=1e-4)
     # The completion is scored token by token: its logp is the sum over the completion and the EOS only.

@@ -17,8 +17,8 @@ import torch
 from rlhfkit.data import write_jsonl
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import SamplingParams, left_pad
-from rlhfkit.models import load_causal_lm, load_tokenizer
-from rlhfkit.reward import new_head, right_pad
+from rlhfkit.models import load_causal_lm, load_tokenizer, right_pad
+from rlhfkit.reward import new_head
 from rlhfkit.rl import roles as roles_module
 from rlhfkit.rl.ppo import PPOConfig, PPOTrainer, run_ppo
 from rlhfkit.rl.roles import Roles, build_roles, is_value_param, response_logprobs

@@ -24,7 +24,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -377,6 +377,43 @@ def checkpointed_layers(model: nn.Module, first: int) -> Iterator[None]:
     finally:
         for i, layer in enumerate(kept):
             layers[i] = layer
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and their attention mask (``generation.left_pad`` pads prompts on the left)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def cache_lower(
+    model: nn.Module, split: int, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 32
+) -> list[torch.Tensor]:
+    """The output of the first ``split`` (frozen) layers for every sequence, once, unpadded.
+
+    Training that adapts only the layers above reads these instead of rerunning the frozen ones on
+    every epoch (the reward model, DPO). Length-sorted batches keep the padding small.
+    """
+    from rlhfkit.console import progress_bar
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    cache: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+    with progress_bar("cache frozen layers") as progress:
+        task = progress.add_task("cache", total=len(seqs), info="")
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = right_pad([seqs[i] for i in idx], pad_id)
+            hidden = lower_hidden(model, ids.to(device), mask.to(device), split)
+            for row, i in enumerate(idx):
+                cache[i] = hidden[row, : len(seqs[i])].clone()
+            progress.update(task, advance=len(idx))
+    return cache
 
 
 def lower_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, split: int) -> torch.Tensor:

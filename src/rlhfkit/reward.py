@@ -48,11 +48,13 @@ from rlhfkit.generation import encode_prompts
 from rlhfkit.models import (
     DEFAULT_MODEL,
     build_trunk,
+    cache_lower,
     final_hidden,
     last_token_index,
     load_causal_lm,
     load_tokenizer,
     lower_hidden,
+    right_pad,
     trainable_state,
     upper_hidden,
 )
@@ -163,16 +165,6 @@ def join_with_start(
         prompt = prompt[-max(room // 2, room - len(completion)) :]
     completion = completion[: room - len(prompt)]
     return [*prompt, *completion, eos_id], len(prompt)
-
-
-def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids, mask
 
 
 def pool_hidden(
@@ -563,22 +555,6 @@ class _Scorer:
         return torch.tensor([out[i] for i in idx])
 
 
-@torch.no_grad()
-def _cache_lower(model: RewardModel, seqs: list[list[int]], pad_id: int, batch_size: int = 32) -> list[torch.Tensor]:
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    cache: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
-    with progress_bar("cache frozen layers") as progress:
-        task = progress.add_task("cache", total=len(seqs), info="")
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            ids, mask = right_pad([seqs[i] for i in idx], pad_id)
-            hidden = model.lower(ids, mask)
-            for row, i in enumerate(idx):
-                cache[i] = hidden[row, : len(seqs[i])].clone()
-            progress.update(task, advance=len(idx))
-    return cache
-
-
 class PromptGroupedBatches:
     """Batches of pair indices for one epoch at a time: prompts in a new seeded order each epoch,
     each prompt's pairs side by side, cut every ``batch_size`` pairs. With K completions per prompt
@@ -683,7 +659,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
 
     margins = torch.tensor([r.margin for r in records], dtype=torch.float32)
     use_cache = cfg.cache_lower and not cfg.full and split > 0
-    cache = _cache_lower(model, seqs, tokenizer.pad_token_id) if use_cache else None
+    cache = cache_lower(model.trunk, model.split, seqs, tokenizer.pad_token_id) if use_cache else None
     cache_seconds = time.perf_counter() - started
 
     params = [p for p in model.parameters() if p.requires_grad]

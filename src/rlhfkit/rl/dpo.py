@@ -38,7 +38,8 @@ Recipe features:
   ``rlhf eval``, ``rlhf serve`` and ``rlhf export`` take it unchanged. ``--resume`` continues from the
   last checkpoint and reproduces a straight run's metrics.
 
-Limits: one process (no DDP); a batch runs as one forward and backward (no gradient accumulation);
+Limits: one process (the step runs on ``accelerate``, but the pairs are not yet sharded across
+processes); a batch runs as one forward and backward (no gradient accumulation);
 the frozen layers' output of every unique sequence stays in memory (tokens x hidden size x 4 bytes:
 about 0.6 MB for 256 tokens of SmolLM2-135M); ``max_length`` cuts long pairs as the reward model
 does (the prompt from the left, then the completion).
@@ -50,7 +51,6 @@ import itertools
 import json
 import math
 import time
-import types
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -70,17 +70,16 @@ from rlhfkit.generation import SamplingParams, encode_prompts, left_pad, sample_
 from rlhfkit.models import (
     DEFAULT_MODEL,
     build_trunk,
+    cache_lower,
     checkpointed_layers,
     final_hidden,
     load_causal_lm,
     load_tokenizer,
-    lower_hidden,
     trainable_state,
     upper_hidden,
 )
 from rlhfkit.reward import (
     PromptGroupedBatches,
-    _cache_lower,
     dedupe_sequences,
     encode_pairs_with_starts,
     pairwise_accuracy,
@@ -236,6 +235,10 @@ class Packed:
     query_len: int
     lower: torch.Tensor | None  # (B, query_len + R, d) cached lower-layer output in the same layout
 
+    def to(self, device: torch.device) -> Packed:
+        lower = self.lower.to(device) if self.lower is not None else None
+        return Packed(self.ids.to(device), self.mask.to(device), self.completion_mask.to(device), self.query_len, lower)
+
 
 def pack(
     idx: Sequence[int],
@@ -271,41 +274,66 @@ def completion_logps(model: nn.Module, split: int, batch: Packed, gradient_check
     return (token_logps * batch.completion_mask).sum(-1)
 
 
+class CompletionLogps(nn.Module):
+    """``completion_logps`` of the trunk as a module: the training step calls it (not a function on
+    the trunk), so the accelerator's data-parallel wrapper sees the forward."""
+
+    def __init__(self, trunk: nn.Module, split: int, gradient_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.trunk, self.split, self.gradient_checkpointing = trunk, split, gradient_checkpointing
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        completion_mask: torch.Tensor,
+        query_len: int,
+        lower: torch.Tensor | None,
+    ) -> torch.Tensor:
+        batch = Packed(ids, mask, completion_mask, query_len, lower)
+        return completion_logps(self.trunk, self.split, batch, self.gradient_checkpointing)
+
+
 class PairSequences:
     """Every pair's unique sequences (a completion in several pairs is one sequence), their cached
     lower-layer output and their reference log-probs, scored by sequence index."""
 
-    def __init__(self, seqs: list[list[int]], starts: list[int], pad_id: int, split: int) -> None:
+    def __init__(
+        self, seqs: list[list[int]], starts: list[int], pad_id: int, split: int, device: torch.device | str = "cpu"
+    ) -> None:
         bad = [i for i, s in enumerate(starts) if s < 1]
         if bad:
             raise RlhfkitError(f"{len(bad)} completions have an empty prompt: DPO needs a prompt to condition on")
         self.seqs, self.starts, self.pad_id, self.split = seqs, starts, pad_id, split
-        self.lengths = torch.tensor([len(s) - b for s, b in zip(seqs, starts, strict=True)], dtype=torch.float32)
+        self.device = torch.device(device)
+        lengths = [len(s) - b for s, b in zip(seqs, starts, strict=True)]
+        self.lengths = torch.tensor(lengths, dtype=torch.float32, device=self.device)
         self.cache: list[torch.Tensor] | None = None
-        self.ref_logps = torch.zeros(len(seqs))
+        self.ref_logps = torch.zeros(len(seqs), device=self.device)
 
     def cache_lower(self, trunk: nn.Module) -> None:
         """The frozen layers' output of every sequence, once (``split`` 0 = nothing frozen to cache)."""
         if self.split > 0:
-            lower = types.SimpleNamespace(lower=lambda ids, mask: lower_hidden(trunk, ids, mask, self.split))
-            self.cache = _cache_lower(lower, self.seqs, self.pad_id)  # type: ignore[arg-type]
+            self.cache = cache_lower(trunk, self.split, self.seqs, self.pad_id)
 
     def packed(self, idx: Sequence[int]) -> Packed:
-        return pack(idx, self.seqs, self.starts, self.pad_id, self.cache)
+        return pack(idx, self.seqs, self.starts, self.pad_id, self.cache).to(self.device)
 
-    def logps(self, model: nn.Module, idx: Sequence[int], gradient_checkpointing: bool = False) -> torch.Tensor:
-        """Completion log-probs of sequences ``idx`` (with gradients when enabled)."""
-        return completion_logps(model, self.split, self.packed(idx), gradient_checkpointing)
+    def logps(self, policy: nn.Module, idx: Sequence[int]) -> torch.Tensor:
+        """Completion log-probs of sequences ``idx`` under ``policy`` (a ``CompletionLogps``, possibly
+        wrapped by the accelerator), with gradients when enabled."""
+        b = self.packed(idx)
+        return policy(b.ids, b.mask, b.completion_mask, b.query_len, b.lower)
 
     @torch.no_grad()
-    def all_logps(self, model: nn.Module, idx: Sequence[int], batch_size: int = 32) -> torch.Tensor:
+    def all_logps(self, policy: nn.Module, idx: Sequence[int], batch_size: int = 32) -> torch.Tensor:
         """``logps`` of many sequences, each unique one once, in length-sorted batches."""
         order = sorted(set(idx), key=lambda i: len(self.seqs[i]))
         out: dict[int, float] = {}
         for s in range(0, len(order), batch_size):
             chunk = order[s : s + batch_size]
-            out.update(zip(chunk, self.logps(model, chunk).tolist(), strict=True))
-        return torch.tensor([out[i] for i in idx])
+            out.update(zip(chunk, self.logps(policy, chunk).tolist(), strict=True))
+        return torch.tensor([out[i] for i in idx], device=self.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,6 +390,7 @@ def _batches(batches: PromptGroupedBatches, step: int, steps_per_epoch: int) -> 
 
 def train(cfg: DPOConfig) -> dict[str, Any]:
     """Run (or continue) DPO in ``cfg.out``; returns the final metrics (also in ``metrics.json``)."""
+    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     started = time.perf_counter()
@@ -379,9 +408,12 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         return [seq for i in pair_idx for seq in pair_refs[i]]
 
     # 2. The policy: LoRA on the top layers of the frozen base (or every weight with --full).
+    accelerator = Accelerator()
     set_seed(cfg.seed)
     trunk, split = build_trunk(load_causal_lm(cfg.policy), cfg.full, cfg.lora_r, cfg.lora_alpha, cfg.trainable_layers)
-    data = PairSequences(seqs, starts, tokenizer.pad_token_id, split)
+    trunk.to(accelerator.device)
+    policy = CompletionLogps(trunk, split, cfg.gradient_checkpointing)
+    data = PairSequences(seqs, starts, tokenizer.pad_token_id, split, accelerator.device)
 
     # 3. The frozen lower layers once, then the reference's log-probs once per sequence: adapters
     #    off in LoRA mode; with --full, the same weights before any update (also on resume: the
@@ -389,7 +421,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
     data.cache_lower(trunk)
     reference_on = trunk.disable_adapter if hasattr(trunk, "disable_adapter") else nullcontext
     with reference_on():
-        data.ref_logps = data.all_logps(trunk, range(len(seqs)))
+        data.ref_logps = data.all_logps(policy, range(len(seqs)))
     average = cfg.loss_type == "ipo"  # IPO reads per-token mean log-probs
 
     # 4. Optimizer, warm-up then linear decay, the batches; resume from the last checkpoint.
@@ -407,6 +439,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         return max(0.0, (total - step) / max(1, total - warmup))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
     step = 0
     checkpoint = latest_checkpoint(out) if cfg.resume else None
     if checkpoint is not None:
@@ -439,7 +472,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
             # 5a. Policy log-probs of the batch's unique sequences (one forward), spread to the pairs.
             seq_idx = flat(pair_idx)
             unique, inverse = torch.unique(torch.tensor(seq_idx), return_inverse=True)
-            logps = data.logps(trunk, unique.tolist(), cfg.gradient_checkpointing)[inverse]
+            logps = data.logps(policy, unique.tolist())[inverse]
             ref, n_tokens = data.ref_logps[seq_idx], data.lengths[seq_idx]
             if average:
                 logps, ref = logps / n_tokens, ref / n_tokens
@@ -453,8 +486,8 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
                     "start again with a lower --learning-rate"
                 )
             learning_rate = scheduler.get_last_lr()[0]
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -510,7 +543,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
 
     # 6. Held-out accuracy and loss; the adapter (or model), metrics.json and the card.
     metrics: dict[str, Any] = {"steps": step, "epochs": step / steps_per_epoch, "train_pairs": len(train_idx)}
-    metrics.update(held_out_metrics(trunk, data, [pair_refs[i] for i in eval_idx], cfg))
+    metrics.update(held_out_metrics(policy, data, [pair_refs[i] for i in eval_idx], cfg))
     metrics.update(
         {
             "setup_seconds": round(setup_seconds, 2),
@@ -526,13 +559,13 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def held_out_metrics(trunk: nn.Module, data: PairSequences, pairs: Sequence[tuple[int, int]], cfg: DPOConfig) -> dict:
+def held_out_metrics(policy: nn.Module, data: PairSequences, pairs: Sequence[tuple[int, int]], cfg: DPOConfig) -> dict:
     """Held-out loss, accuracy, implicit rewards and the log-prob margin now and under the reference."""
     keys = ("eval_pairs", "eval_accuracy", "eval_loss", "eval_margin", "eval_rewards_chosen", "eval_rewards_rejected")
     if not pairs:
         return {k: (0 if k == "eval_pairs" else None) for k in (*keys, "eval_logp_margin", "eval_ref_logp_margin")}
     seq_idx = [s for pair in pairs for s in pair]
-    logps, ref = data.all_logps(trunk, seq_idx), data.ref_logps[seq_idx]
+    logps, ref = data.all_logps(policy, seq_idx), data.ref_logps[seq_idx]
     sums, ref_sums = logps, ref
     if cfg.loss_type == "ipo":
         logps, ref = logps / data.lengths[seq_idx], ref / data.lengths[seq_idx]
