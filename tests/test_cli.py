@@ -10,8 +10,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import os
 import random
 import re
+import signal
+import subprocess
+import sys
+import time
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -337,6 +342,37 @@ def test_generate_end_to_end(tmp_path: Path) -> None:
 
     _generate(prompts, second)
     assert first.read_bytes() == second.read_bytes(), "same seed gave different completions"
+
+
+def test_generate_killed_at_random_points_then_run_again_equals_a_straight_run(tmp_path: Path) -> None:
+    """SIGKILL `python -m rlhfkit generate` after a random number of finished batches (3 draws), run the
+    same command again onto the same output: the file equals a straight run's, byte for byte."""
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl", [{"prompt": f"Question number {i}: " + "why? " * (i % 7)} for i in range(24)]
+    )
+    args = ["generate", "--prompts", str(prompts), "--model", "tiny-random", "--num-completions", "2",
+            "--max-new-tokens", "16", "--batch-size", "2", "--seed", "5"]  # fmt: skip
+    straight = tmp_path / "straight.jsonl"
+    ok(*args, "--out", straight)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed_after = []
+    for draw in range(3):
+        out = tmp_path / f"killed{draw}.jsonl"
+        journal = tmp_path / f"killed{draw}.jsonl.partial"
+        target = random.Random(draw).randint(1, 10)  # of 12 batches
+        proc = subprocess.Popen([sys.executable, "-m", "rlhfkit", *args, "--out", str(out)], env=env)
+        while proc.poll() is None:
+            if journal.exists() and len(journal.read_bytes().splitlines()) >= 1 + target:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.001)
+        assert proc.wait() == -signal.SIGKILL, "the run ended before the kill"
+        assert not out.exists()
+        killed_after.append(len(journal.read_bytes().splitlines()) - 1)
+        ok(*args, "--out", out)
+        assert out.read_bytes() == straight.read_bytes(), (draw, killed_after)
+        assert not journal.exists()
+    assert min(killed_after) >= 1, killed_after
 
 
 def test_generate_limit_and_config_file(tmp_path: Path) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from rlhfkit import generation
+from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import (
     SamplingParams,
     encode_prompts,
@@ -78,6 +82,53 @@ def test_generate_completions_shape_order_and_seed(tiny) -> None:
     assert first.completions == again.completions
     assert first.completions != other.completions
     assert 0 < first.tokens <= 3 * 3 * 5
+
+
+PROMPTS = ["one two three four five", "a", "some medium prompt", "b c", "d e f g", "the last one here"]
+
+
+@pytest.mark.parametrize("kill_at", [1, 2])
+def test_a_killed_generation_resumes_to_a_straight_runs_completions(
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kill_at: int
+) -> None:
+    """Killed after ``kill_at`` of 3 batches (and with a torn line after them), then run again onto
+    the same journal: the journaled batches are skipped and the result equals a straight run's."""
+    model, tok = tiny
+    params = SamplingParams(max_new_tokens=6)
+
+    def run(journal: Path | None) -> generation.GenerationResult:
+        return generate_completions(model, tok, PROMPTS, 2, params, 2, 3, False, journal, {"model": "tiny"})
+
+    straight = run(None)
+    journal = tmp_path / "out.jsonl.partial"
+    real_sample, calls = generation.sample_batch, []
+
+    def dies_after_kill_at(*args, **kwargs):
+        if len(calls) == kill_at:
+            raise KeyboardInterrupt  # the process ends here; the journal holds kill_at batches
+        calls.append(1)
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "sample_batch", dies_after_kill_at)
+    with pytest.raises(KeyboardInterrupt):
+        run(journal)
+    monkeypatch.setattr(generation, "sample_batch", real_sample)
+    assert len(journal.read_text().splitlines()) == 1 + kill_at
+    with journal.open("a") as f:
+        f.write('{"batch": ' + str(kill_at) + ', "completions": [["cut off')  # killed mid-write
+    resumed = run(journal)
+    assert resumed.completions == straight.completions
+    assert (resumed.tokens, resumed.eos_count) == (straight.tokens, straight.eos_count)
+    assert resumed.resumed_prompts == 2 * kill_at and resumed.resumed_tokens > 0
+    assert len(journal.read_text().splitlines()) == 1 + 3  # every batch, the torn line gone
+
+
+def test_a_journal_from_other_settings_is_refused(tiny, tmp_path: Path) -> None:
+    model, tok = tiny
+    journal = tmp_path / "out.jsonl.partial"
+    generate_completions(model, tok, PROMPTS, 2, SamplingParams(4), 2, 0, False, journal, {"model": "tiny"})
+    with pytest.raises(RlhfkitError, match=r"out.jsonl.partial: .*other settings \(num_completions, seed\)"):
+        generate_completions(model, tok, PROMPTS, 3, SamplingParams(4), 2, 1, False, journal, {"model": "tiny"})
 
 
 def test_sampling_ignores_the_models_own_generation_defaults(tiny) -> None:

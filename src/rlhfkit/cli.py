@@ -94,21 +94,33 @@ def run_generate(cfg: GenerateConfig) -> dict:
         records = records[: cfg.limit]
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     tokenizer, model = load_tokenizer(cfg.model), load_causal_lm(cfg.model)
+    # Finished batches go to OUT.partial as they come: after a kill, the same command continues there.
+    journal = Path(cfg.out).with_name(Path(cfg.out).name + ".partial")
     result = generate_completions(
-        model, tokenizer, [r.prompt for r in records], cfg.num_completions, params, cfg.batch_size, cfg.seed
+        model,
+        tokenizer,
+        [r.prompt for r in records],
+        cfg.num_completions,
+        params,
+        cfg.batch_size,
+        cfg.seed,
+        journal=journal,
+        identity={"model": cfg.model},
     )
     rows = [
         candidate_row(CandidateRecord(r.prompt, completions, cfg.model, r.extra))
         for r, completions in zip(records, result.completions, strict=True)
     ]
     write_jsonl(cfg.out, rows)
+    journal.unlink()
     summary = {
         "prompts": len(records),
         "completions": len(records) * cfg.num_completions,
         "tokens": result.tokens,
-        "tokens/s": result.tokens / max(result.seconds, 1e-9),
+        "tokens/s": (result.tokens - result.resumed_tokens) / max(result.seconds, 1e-9),
         "eos rate": result.eos_count / max(1, len(records) * cfg.num_completions),
         "seconds": result.seconds,
+        **({"resumed prompts": result.resumed_prompts} if result.resumed_prompts else {}),
         "written to": cfg.out,
     }
     print_table("generate", summary)

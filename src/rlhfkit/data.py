@@ -504,7 +504,8 @@ def _json_default(value: Any) -> Any:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Write rows as UTF-8 JSONL atomically, so a crash never leaves a half-written file behind."""
+    """Write rows as UTF-8 JSONL atomically (temporary file, fsync, rename), so a crash never leaves a
+    half-written file behind: the old file or the new one, whole."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -512,6 +513,8 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -7,17 +7,24 @@ same distribution PPO later scores, so rollout and training log-probabilities ag
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
 
 import torch
 from torch import nn
 
 from rlhfkit.console import progress_bar
 from rlhfkit.data import Prompt
+from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import format_prompt
 
 
@@ -177,6 +184,9 @@ class GenerationResult:
     tokens: int
     eos_count: int
     seconds: float
+    resumed_prompts: int = 0
+    """Prompts whose completions came from the journal of a killed run (their tokens are in ``tokens``)."""
+    resumed_tokens: int = 0
 
 
 def generate_completions(
@@ -188,8 +198,17 @@ def generate_completions(
     batch_size: int = 16,
     seed: int = 0,
     show_progress: bool = True,
+    journal: str | Path | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> GenerationResult:
-    """Sample ``num_completions`` per prompt, batching prompts of similar length together."""
+    """Sample ``num_completions`` per prompt, batching prompts of similar length together.
+
+    ``journal``: a file that gets one line per finished batch (its completions and the random state
+    after it), flushed and fsynced. Started again with the same prompts and settings after a kill,
+    the run skips the journaled batches and continues from the saved random state, so its result
+    equals a straight run's exactly; a torn last line (a kill mid-write) is redone. ``identity``
+    (the caller's settings) must match the journal's first line, or the run refuses.
+    """
     start = time.perf_counter()
     torch.manual_seed(seed)
     encoded = encode_prompts(tokenizer, prompts)
@@ -197,18 +216,99 @@ def generate_completions(
     completions: list[list[str]] = [[] for _ in prompts]
     pad_id = tokenizer.pad_token_id
     tokens = eos_count = 0
+    n_batches = math.ceil(len(order) / batch_size)
+    header = {
+        "journal": "rlhfkit generate",
+        "prompts": hashlib.sha256(json.dumps(encoded).encode()).hexdigest(),
+        "num_completions": num_completions,
+        "sampling": [params.max_new_tokens, params.temperature, params.top_p],
+        "batch_size": batch_size,
+        "seed": seed,
+        **(identity or {}),
+    }
+    done = _read_journal(Path(journal), header) if journal is not None else []
+    for entry in done:
+        for i, texts in zip(order[entry["batch"] * batch_size :], entry["completions"], strict=False):
+            completions[i] = texts
+        tokens, eos_count = tokens + entry["tokens"], eos_count + entry["eos"]
+    resumed_tokens = tokens
+    if done:
+        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(done[-1]["rng"])), dtype=torch.uint8))
+    finished = min(len(done) * batch_size, len(prompts))
+    log = _open_journal(Path(journal), header, len(done)) if journal is not None else None
     progress = progress_bar("generate", disable=not show_progress)
-    with progress:
-        task = progress.add_task("generate", total=len(prompts), info="")
-        for b in range(math.ceil(len(order) / batch_size)):
-            idx = order[b * batch_size : (b + 1) * batch_size]
-            rows = [encoded[i] for i in idx for _ in range(num_completions)]
-            ids, mask = left_pad(rows, pad_id)
-            batch = sample_batch(model, tokenizer, ids, mask, params)
-            tokens += int(batch.lengths.sum())
-            eos_count += int(batch.ended.sum())
-            for row, text in enumerate(batch.texts):
-                completions[idx[row // num_completions]].append(text)
-            elapsed = time.perf_counter() - start
-            progress.update(task, advance=len(idx), info=f"{tokens / elapsed:.0f} tok/s")
-    return GenerationResult(completions, tokens, eos_count, time.perf_counter() - start)
+    try:
+        with progress:
+            task = progress.add_task("generate", total=len(prompts), completed=finished, info="")
+            for b in range(len(done), n_batches):
+                idx = order[b * batch_size : (b + 1) * batch_size]
+                rows = [encoded[i] for i in idx for _ in range(num_completions)]
+                ids, mask = left_pad(rows, pad_id)
+                batch = sample_batch(model, tokenizer, ids, mask, params)
+                tokens += int(batch.lengths.sum())
+                eos_count += int(batch.ended.sum())
+                for row, text in enumerate(batch.texts):
+                    completions[idx[row // num_completions]].append(text)
+                if log is not None:
+                    entry = {
+                        "batch": b,
+                        "completions": [completions[i] for i in idx],
+                        "tokens": int(batch.lengths.sum()),
+                        "eos": int(batch.ended.sum()),
+                        "rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+                    }
+                    _append_synced(log, entry)
+                elapsed = time.perf_counter() - start
+                progress.update(task, advance=len(idx), info=f"{(tokens - resumed_tokens) / elapsed:.0f} tok/s")
+    finally:
+        if log is not None:
+            log.close()
+    seconds = time.perf_counter() - start
+    return GenerationResult(completions, tokens, eos_count, seconds, finished, resumed_tokens)
+
+
+def _append_synced(log: IO[str], entry: dict[str, Any]) -> None:
+    log.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    log.flush()
+    os.fsync(log.fileno())
+
+
+def _read_journal(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
+    """The complete batch lines of an earlier run with the same ``header`` (none if no journal)."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    entries = []
+    for line in lines:
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a torn last line: that batch is redone
+    if not entries:
+        return []
+    first, batches = entries[0], entries[1:]
+    differ = sorted(k for k in set(first) | set(header) if first.get(k) != header.get(k))
+    if differ:
+        raise RlhfkitError(
+            f"{path}: an unfinished run with other settings ({', '.join(differ)}) left this journal; "
+            "run again with the same settings to finish it, or delete the file to start over"
+        )
+    done = []
+    for i, entry in enumerate(batches):
+        if entry.get("batch") != i:
+            break
+        done.append(entry)
+    return done
+
+
+def _open_journal(path: Path, header: dict[str, Any], keep: int) -> IO[str]:
+    """The journal rewritten with its header and first ``keep`` batches (dropping a torn line), open to append."""
+    kept = path.read_text(encoding="utf-8").split("\n")[1 : keep + 1] if keep else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(json.dumps(header) + "\n" + "".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path.open("a", encoding="utf-8")
