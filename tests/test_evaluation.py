@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -58,8 +59,56 @@ def test_demo_runs_the_whole_loop_on_tiny_random(tmp_path: Path) -> None:
     assert len(rows) == 12 and {"base_completion", "tuned_completion", "base_nontoxic", "tuned_nontoxic"} <= set(
         rows[0]
     )
+
+    # The same command again reuses every finished stage; other settings are refused, naming them.
     again = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
-    assert again.exit_code == 2 and "earlier demo" in again.output
+    assert again.exit_code == 0 and again.output.count("finished earlier, reused") == 5, again.output
+    assert _without_timings(json.loads((out / "metrics.json").read_text())) == _without_timings(metrics)
+    other = CliRunner().invoke(app, [*args, "--seed", "3"], env={"COLUMNS": "200"})
+    assert other.exit_code == 2 and "--seed (0 there, 3 here)" in " ".join(other.output.split())
+    # --fresh deletes the earlier demo first (here the run then stops at an unknown prompt set).
+    fresh = CliRunner().invoke(app, [*args, "--seed", "3", "--fresh", "--prompts", "builtin:nope"])
+    assert fresh.exit_code == 2 and "builtin:nope" in fresh.output and not (out / "stages.json").exists()
+
+
+def _without_timings(metrics: dict) -> dict:
+    pipeline = {k: v for k, v in metrics["pipeline"].items() if k not in ("seconds", "total_seconds")}
+    return {**{k: v for k, v in metrics.items() if k not in ("pipeline", "settings")}, "pipeline": pipeline}
+
+
+def test_a_demo_killed_in_its_reward_stage_continues_where_it_died(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed in the reward model's 6th step (its last checkpoint at the end of epoch 2, step 4): run
+    again, generation and labels are reused, the reward model resumes, and the demo ends with the
+    numbers a straight run ends with."""
+    import torch
+
+    def demo(out: Path, *extra: str) -> Any:
+        args = ["demo", "--model", "tiny-random", "--quick", "--out", str(out), "--num-prompts", "12",
+                "--held-out", "12", "--ppo-steps", "2", "--max-new-tokens", "6", *extra]  # fmt: skip
+        return CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+
+    assert demo(tmp_path / "straight").exit_code == 0
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def dies(self: torch.optim.AdamW, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)  # the reward model is the first stage with an optimizer: 2 steps an epoch here
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dies)
+    killed = tmp_path / "killed"
+    assert demo(killed).exit_code == 130  # the interrupt ends the command as Ctrl-C would
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert set(json.loads((killed / "stages.json").read_text())) == {"generate", "label"}
+    assert (killed / "reward_model" / "checkpoints" / "step-000004").is_dir()
+    result = demo(killed)
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.output and result.output.count("finished earlier, reused") == 2
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert _without_timings(json.loads((killed / "metrics.json").read_text())) == _without_timings(straight)
 
 
 def test_gains_and_losses_rank_by_the_tuned_minus_base_difference() -> None:

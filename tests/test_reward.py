@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from rlhfkit.data import PreferenceRecord, write_jsonl
+from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import left_pad
-from rlhfkit.models import load_causal_lm, load_tokenizer
+from rlhfkit.models import load_causal_lm, load_tokenizer, right_pad
 from rlhfkit.reward import (
     RewardModel,
     RewardTrainConfig,
@@ -21,7 +23,6 @@ from rlhfkit.reward import (
     load_reward_model,
     new_head,
     pairwise_accuracy,
-    right_pad,
     score_texts,
     split_by_prompt,
     train_reward_model,
@@ -280,6 +281,67 @@ def test_early_stopping_keeps_the_best_epochs_weights(tmp_path: Path) -> None:
     assert abs(reloaded["loss"] - val[6]) > 1e-3
 
 
+@pytest.mark.parametrize("die_at_step", [5, 9])
+def test_a_killed_reward_training_resumes_to_a_straight_runs_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, die_at_step: int
+) -> None:
+    """Killed in step 5 (the last checkpoint mid-epoch, step 3) or step 9 (the last one at epoch 1's
+    end, step 7), then ``--resume``: the same metrics rows, final metrics and head as a straight run.
+    LP-FT, early-stopping validation and head dropout on, so every piece of state must come back."""
+    data = noise_preferences(tmp_path / "noise.jsonl")
+    settings = dict(
+        data=str(data),
+        model="tiny-random",
+        trainable_layers=1,
+        epochs=3,
+        learning_rate=1e-2,
+        validation_fraction=0.25,
+        head_init="probe",
+        head_dropout=0.1,
+        pooling="mean",
+        save_every=3,
+    )
+
+    def result(out: Path) -> tuple[list[dict], dict, dict]:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        rows = [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+        metrics = json.loads((out / "metrics.json").read_text())
+        timing = ("seconds", "wall_seconds", "seconds_per_100_pairs", "cache_seconds", "probe_seconds")
+        metrics = {k: v for k, v in metrics.items() if not k.endswith(timing)}
+        return rows, metrics, load_file(out / "head.safetensors")
+
+    train_reward_model(RewardTrainConfig(out=str(tmp_path / "straight"), **settings), show_summary=False)
+    straight = result(tmp_path / "straight")
+    assert max(r["step"] for r in straight[0]) == 21  # 7 steps an epoch
+
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def dies(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == die_at_step:
+            raise KeyboardInterrupt  # inside the optimizer step: that step never lands
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dies)
+    killed = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train_reward_model(RewardTrainConfig(out=str(killed), **settings), show_summary=False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    resumes_from = {5: 3, 9: 7}[die_at_step]  # every 3 steps and at an epoch's end (7 steps an epoch)
+    assert max(c.name for c in (killed / "checkpoints").iterdir()) == f"step-{resumes_from:06d}"
+    assert not (killed / "metrics.json").exists()
+    train_reward_model(RewardTrainConfig(resume=str(killed)), show_summary=False)
+    rows, metrics, head = result(killed)
+    assert rows == straight[0]
+    assert metrics == straight[1]
+    assert all(torch.equal(head[k], straight[2][k]) for k in head)
+
+
+def test_resume_refuses_changed_settings(tmp_path: Path) -> None:
+    with pytest.raises(RlhfkitError, match=r"only nothing may change .*--epochs"):
+        train_reward_model(RewardTrainConfig(resume=str(tmp_path), epochs=5), show_summary=False)
+
+
 def test_patience_stops_the_run(tmp_path: Path) -> None:
     data = noise_preferences(tmp_path / "noise.jsonl")
     cfg = RewardTrainConfig(
@@ -347,7 +409,7 @@ def test_prompt_grouped_batches_cover_every_pair_once_per_epoch() -> None:
     fit = [i for i in range(50) if i % 5]  # 40 pairs
     batches = PromptGroupedBatches(records, fit, batch_size=16, seed=0)
     assert len(batches) == 3
-    epochs = [list(batches) for _ in range(2)]
+    epochs = [list(batches.epoch_batches(e)) for e in range(2)]
     for epoch in epochs:
         assert [len(b) for b in epoch] == [16, 16, 8]
         flat = [i for b in epoch for i in b]
@@ -357,7 +419,16 @@ def test_prompt_grouped_batches_cover_every_pair_once_per_epoch() -> None:
         assert len(runs) == len(set(prompts))  # each prompt's pairs side by side
     assert epochs[0] != epochs[1]  # a new order each epoch
     again = PromptGroupedBatches(records, fit, batch_size=16, seed=0)
-    assert [list(again), list(again)] == epochs  # seeded
+    assert [list(again.epoch_batches(e)) for e in range(2)] == epochs  # seeded by (seed, epoch)
+    # A resumed run's data position follows from the step alone.
+    steps = again.from_step(4)
+    assert [next(steps) for _ in range(3)] == [
+        (1, epochs[1][1]),
+        (1, epochs[1][2]),
+        (2, next(again.epoch_batches(2))),
+    ]
+    plain = PromptGroupedBatches(records, fit, batch_size=16, seed=0, by_prompt=False)
+    assert sorted(i for b in plain.epoch_batches(0) for i in b) == fit
 
 
 def test_fit_linear_probe_solves_the_regularised_objective() -> None:

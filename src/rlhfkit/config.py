@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -124,8 +125,15 @@ def load_yaml_config(cls: type, path: Path) -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: Path) -> None:
-    """Write the resolved config so a run directory says exactly how it was made."""
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), encoding="utf-8")
+    """Write the resolved config so a run directory says exactly how it was made (atomically: a kill
+    leaves the old file or the new one, never half of one)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 @contextmanager

@@ -8,18 +8,20 @@ which ``bench/frontier.py`` reruns at other KL settings.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import random
+import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from rlhfkit.config import option, save_config
+from rlhfkit.config import load_yaml_config, option, save_config
 from rlhfkit.data import prompt_text
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import DEFAULT_MODEL
@@ -58,19 +60,63 @@ class DemoConfig:
     dpo_beta: float = option(0.1, "DPO's beta (higher = stays closer to the base).")
     dpo_epochs: int = option(3, "DPO epochs over the labelled pairs.")
     seed: int = option(0, "Seed of every stage.")
+    fresh: bool = option(False, "Start over: delete what an earlier (or killed) demo left in the output directory.")
 
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
             raise ValueError(f"algo must be one of {', '.join(ALGOS)}, got {self.algo!r}")
 
 
-@contextmanager
-def _stage(title: str, key: str, seconds: dict[str, float]) -> Iterator[None]:
-    """A rule naming the demo stage, and its wall time recorded under ``key``."""
-    console.rule(title)
-    started = time.perf_counter()
-    yield
-    seconds[key] = time.perf_counter() - started
+class _Stages:
+    """The demo's stages in one directory: each finished one is recorded in ``stages.json`` (what it
+    returned, its wall time), so a demo run again after a kill reuses it instead of redoing it."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / "stages.json"
+        self.done: dict[str, dict[str, Any]] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def run(self, key: str, title: str, stage: Callable[[], dict]) -> dict:
+        if key in self.done:
+            console.rule(f"{title}: finished earlier, reused")
+            return self.done[key]["result"]
+        console.rule(title)
+        started = time.perf_counter()
+        result = stage()
+        self.done[key] = {"result": result, "seconds": time.perf_counter() - started}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.done, indent=2, default=str) + "\n")
+        os.replace(tmp, self.path)
+        return json.loads(json.dumps(result, default=str))  # what a reused stage gives, too
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return {key: stage["seconds"] for key, stage in self.done.items()}
+
+
+def _open_demo_dir(cfg: DemoConfig, out: Path) -> None:
+    """A new demo directory, or the same demo's after a kill; another demo's is refused (or, with
+    ``fresh``, deleted)."""
+    saved = out / "config.yaml"
+    # A directory is taken for a demo's only if its config.yaml reads as one (else this raises).
+    earlier = load_yaml_config(DemoConfig, saved) if saved.exists() else None
+    if earlier is not None and cfg.fresh:
+        shutil.rmtree(out)
+    elif earlier is not None:
+        differ = [
+            f"--{f.name.replace('_', '-')} ({earlier.get(f.name, f.default)!r} there, {getattr(cfg, f.name)!r} here)"
+            for f in dataclasses.fields(DemoConfig)
+            if f.name not in ("out", "fresh") and earlier.get(f.name, f.default) != getattr(cfg, f.name)
+        ]
+        if differ:
+            raise RlhfkitError(
+                f"{out}: holds a demo made with other settings: {', '.join(differ)}. Run it with those "
+                "settings to continue it, add --fresh to start over there, or pass another --out"
+            )
+        console.print(f"continuing the demo in {out}: finished stages are reused, a killed one resumes")
+    elif any((out / algo / "metrics.jsonl").exists() for algo in ALGOS):
+        raise RlhfkitError(f"{out}: holds runs that are not a demo's; remove them or pass another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, saved)
 
 
 def demo_rl_config(cfg: DemoConfig, demo_dir: Path, steps: int, n_monitor: int, **overrides: object) -> Any:
@@ -134,10 +180,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from rlhfkit.rl.dpo import DPOConfig
 
     out = Path(cfg.out)
-    if any((out / algo / "metrics.jsonl").exists() for algo in ALGOS):
-        raise RlhfkitError(f"{out}: holds an earlier demo; remove it or pass another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    _open_demo_dir(cfg, out)
     n_rm = cfg.num_prompts or (256 if cfg.quick else 500)
     n_held = cfg.held_out or (64 if cfg.quick else 100)
     steps = cfg.ppo_steps or (40 if cfg.quick else 100)
@@ -155,10 +198,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     write_jsonl(out / "prompts_monitor.jsonl", [prompt_row(p) for p in monitor])
     write_jsonl(out / "prompts_heldout.jsonl", [prompt_row(p) for p in held])
     started = time.perf_counter()
-    seconds: dict[str, float] = {}
+    stages = _Stages(out)
 
-    with _stage("1/5 generate candidates", "generate", seconds):
-        run_generate(
+    # A killed generation continues from its journal (candidates.jsonl.partial) by itself.
+    stages.run(
+        "generate",
+        "1/5 generate candidates",
+        lambda: run_generate(
             GenerateConfig(
                 prompts=str(out / "prompts_reward.jsonl"),
                 out=str(out / "candidates.jsonl"),
@@ -167,11 +213,14 @@ def run_demo(cfg: DemoConfig) -> dict:
                 max_new_tokens=cfg.max_new_tokens,
                 seed=cfg.seed,
             )
-        )
+        ),
+    )
 
-    with _stage("2/5 label with the nontoxic judge", "label", seconds):
-        # Near-ties (judge scores within 0.05) are left out, as a person's "tie" would be.
-        labels = run_label_judge(
+    # Near-ties (judge scores within 0.05) are left out, as a person's "tie" would be.
+    labels = stages.run(
+        "label",
+        "2/5 label with the nontoxic judge",
+        lambda: run_label_judge(
             LabelJudgeConfig(
                 candidates=str(out / "candidates.jsonl"),
                 out=str(out / "preferences.jsonl"),
@@ -179,10 +228,16 @@ def run_demo(cfg: DemoConfig) -> dict:
                 tau=0.05,
                 min_gap=cfg.label_min_gap,
             )
-        )
+        ),
+    )
 
-    with _stage("3/5 train the reward model", "reward", seconds):
-        reward_metrics = run_reward_train(
+    def started_before(run_dir: Path) -> bool:  # a stage killed after it opened its run directory
+        return (run_dir / "config.yaml").exists()
+
+    def train_reward() -> dict:
+        if started_before(out / "reward_model"):
+            return run_reward_train(RewardTrainConfig(resume=str(out / "reward_model")))
+        return run_reward_train(
             RewardTrainConfig(
                 data=str(out / "preferences.jsonl"),
                 out=str(out / "reward_model"),
@@ -201,12 +256,17 @@ def run_demo(cfg: DemoConfig) -> dict:
             )
         )
 
-    if cfg.algo == "dpo":
-        with _stage("4/5 DPO on the labelled pairs (the reward model only scores the evaluation)", "dpo", seconds):
-            rl_summary = run_dpo_command(
+    reward_metrics = stages.run("reward", "3/5 train the reward model", train_reward)
+
+    def tune() -> dict:
+        run_dir = out / cfg.algo
+        if cfg.algo == "dpo":
+            if started_before(run_dir):
+                return run_dpo_command(DPOConfig(resume=str(run_dir)))
+            return run_dpo_command(
                 DPOConfig(
                     data=str(out / "preferences.jsonl"),
-                    out=str(out / "dpo"),
+                    out=str(run_dir),
                     policy=cfg.model,
                     beta=cfg.dpo_beta,
                     epochs=cfg.dpo_epochs,
@@ -217,13 +277,23 @@ def run_demo(cfg: DemoConfig) -> dict:
                     monitor_max_new_tokens=cfg.max_new_tokens,
                 )
             )
-    else:
-        with _stage(f"4/5 {cfg.algo.upper()} against the reward model", cfg.algo, seconds):
-            command = {"ppo": run_ppo_command, "grpo": run_grpo_command, "rloo": run_rloo_command}[cfg.algo]
-            rl_summary = command(demo_rl_config(cfg, out, steps, n_monitor))
+        command = {"ppo": run_ppo_command, "grpo": run_grpo_command, "rloo": run_rloo_command}[cfg.algo]
+        rl_config = demo_rl_config(cfg, out, steps, n_monitor)
+        if started_before(run_dir):
+            return command(type(rl_config)(resume=str(run_dir)))
+        return command(rl_config)
 
-    with _stage("5/5 evaluate base vs tuned on held-out prompts, write the report", "eval", seconds):
-        metrics = run_eval(
+    if cfg.algo == "dpo":
+        title = "4/5 DPO on the labelled pairs (the reward model only scores the evaluation)"
+    else:
+        title = f"4/5 {cfg.algo.upper()} against the reward model"
+    rl_summary = stages.run(cfg.algo, title, tune)
+
+    # A killed evaluation starts again (it holds no checkpoint; minutes at most).
+    metrics = stages.run(
+        "eval",
+        "5/5 evaluate base vs tuned on held-out prompts, write the report",
+        lambda: run_eval(
             EvalConfig(
                 prompts=str(out / "prompts_heldout.jsonl"),
                 out=str(out / "eval"),
@@ -235,7 +305,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                 temperature=0.7,
                 seed=cfg.seed + 1,
             )
-        )
+        ),
+    )
     rows = [row for _, row in read_rows(out / "eval" / "samples.jsonl")]
     examples = gains_and_losses(rows, "tuned", "nontoxic", 5)[0]
     metrics["pipeline"] = {
@@ -246,7 +317,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             for k in ("steps", "reward_mean", "kl", "monitor_score", "alerts", "eval_accuracy", "monitor_kl")
             if k in rl_summary
         },
-        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "seconds": {k: round(v, 1) for k, v in stages.seconds.items()},
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

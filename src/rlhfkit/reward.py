@@ -20,8 +20,10 @@ Recipe features and limits:
   full model), ``head.safetensors``, ``config.yaml``, ``metrics.json`` (with ``score_mean`` /
   ``score_std`` of training completions for PPO's reward normalisation), ``metrics.jsonl`` and a
   model card.
-- Not yet: resuming an interrupted reward training (the last epoch's trainable weights are kept in
-  ``checkpoints/last`` in LoRA and probe modes, so nothing trained is lost).
+- Checkpoints (``checkpoints/step-N``: trainable weights, optimizer, scheduler, the best epoch's
+  weights so far, every RNG) every ``save_every`` steps and at each epoch's end; ``resume``
+  continues from the last one (the lower-layer cache is rebuilt, the data position follows from the
+  step) and reproduces a straight run's ``metrics.jsonl`` and final model.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +61,15 @@ from rlhfkit.models import (
     trainable_state,
     upper_hidden,
 )
-from rlhfkit.rundir import write_model_card
+from rlhfkit.rundir import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    open_run,
+    save_checkpoint,
+    truncate_metrics,
+    write_model_card,
+)
 
 console = Console(stderr=True)
 
@@ -69,8 +80,8 @@ POOLINGS = ("last", "mean", "last+mean")
 class RewardTrainConfig:
     """Options of ``rlhf reward train``."""
 
-    data: str = option(REQUIRED, "Preference dataset (TRL or Vertex form; .jsonl/.json/.parquet).", required=True)
-    out: str = option(REQUIRED, "Output directory for the reward model.", required=True)
+    data: str = option(REQUIRED, "Preference dataset (TRL or Vertex form; .jsonl/.json/.parquet).")
+    out: str = option(REQUIRED, "Output directory for the reward model.")
     model: str = option(DEFAULT_MODEL, "Backbone: smollm2-135m, tiny-random, a model directory or org/name.")
     epochs: int = option(2, "Passes over the training pairs (0 with a probe head init: the probe alone).")
     batch_size: int = option(16, "Pairs per optimizer step.")
@@ -109,10 +120,15 @@ class RewardTrainConfig:
         "Batch each prompt's pairs together, so a completion shared by several pairs runs once per step "
         "(cheaper epochs; every pair is still seen once per epoch).",
     )
+    save_every: int = option(50, "Checkpoint every N optimizer steps (and at every epoch's end).")
+    keep_checkpoints: int = option(2, "Checkpoints kept on disk (oldest removed).")
+    resume: str = option("", "Continue the run in this directory from its last checkpoint.")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if self.save_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError("save_every must be >= 0 and keep_checkpoints >= 1")
         if self.epochs < (0 if self.head_init == "probe" else 1):
             raise ValueError("epochs must be >= 1 (or 0 with head_init probe)")
         if not 0 <= self.eval_fraction < 1:
@@ -556,32 +572,51 @@ class _Scorer:
 
 
 class PromptGroupedBatches:
-    """Batches of pair indices for one epoch at a time: prompts in a new seeded order each epoch,
-    each prompt's pairs side by side, cut every ``batch_size`` pairs. With K completions per prompt
-    a completion is in up to K-1 pairs; grouped, it is mostly run once per epoch instead of once per pair.
+    """Batches of pair indices, epoch by epoch: prompts in a new order each epoch (seeded by seed and
+    epoch), each prompt's pairs side by side, cut every ``batch_size`` pairs. With K completions per
+    prompt a completion is in up to K-1 pairs; grouped, it is mostly run once per epoch instead of
+    once per pair. ``by_prompt=False``: every pair is its own group (a plain shuffle).
+
+    The order is a function of (seed, epoch) alone, so a resumed run finds its data position from
+    the step: ``from_step``.
     """
 
-    def __init__(self, records: Sequence[PreferenceRecord], pair_idx: Sequence[int], batch_size: int, seed: int):
+    def __init__(
+        self,
+        records: Sequence[PreferenceRecord],
+        pair_idx: Sequence[int],
+        batch_size: int,
+        seed: int,
+        by_prompt: bool = True,
+    ):
         groups: dict[str, list[int]] = {}
         for i in pair_idx:
-            groups.setdefault(json.dumps(prompt_text(records[i].prompt)), []).append(i)
+            key = json.dumps(prompt_text(records[i].prompt)) if by_prompt else str(i)
+            groups.setdefault(key, []).append(i)
         self.groups = [groups[k] for k in sorted(groups)]
         self.n_pairs = len(pair_idx)
         self.batch_size = batch_size
         self.seed = seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return math.ceil(self.n_pairs / self.batch_size)
 
-    def __iter__(self):
-        rng = random.Random(f"{self.seed}-{self.epoch}")
-        self.epoch += 1
+    def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[list[int]]:
+        """Epoch ``epoch``'s batches, from its ``skip``-th on."""
+        rng = random.Random(f"{self.seed}-{epoch}")
         order = list(self.groups)
         rng.shuffle(order)
         flat = [i for group in order for i in rng.sample(group, len(group))]
-        for start in range(0, len(flat), self.batch_size):
+        for start in range(skip * self.batch_size, len(flat), self.batch_size):
             yield flat[start : start + self.batch_size]
+
+    def from_step(self, step: int) -> Iterator[tuple[int, list[int]]]:
+        """``(epoch, batch)`` from optimizer step ``step`` on, without end."""
+        epoch, skip = divmod(step, len(self))
+        while True:
+            for batch in self.epoch_batches(epoch, skip):
+                yield epoch, batch
+            epoch, skip = epoch + 1, 0
 
 
 def fit_linear_probe(
@@ -629,10 +664,14 @@ def _restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dict:
-    """Train, evaluate and save a reward model; returns its metrics."""
+    """Train (or, with ``cfg.resume``, continue), evaluate and save a reward model; returns its metrics."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    if cfg.resume:
+        cfg = open_run(cfg, required=(), may_change=())
+    elif not (cfg.data and cfg.out):
+        raise RlhfkitError("missing required option --data or --out (or --resume RUN_DIR)")
     records = load_preferences(cfg.data)
     train_idx, eval_idx = split_by_prompt(records, cfg.eval_fraction, cfg.seed)
     if not train_idx:
@@ -650,6 +689,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
     trunk, split = build_trunk(base, cfg.full, cfg.lora_r, cfg.lora_alpha, cfg.trainable_layers)
     head = new_head(base.config.hidden_size, cfg.seed)
     model = RewardModel(trunk, head, split, pooling=cfg.pooling, head_dropout=cfg.head_dropout)
+    model.to(accelerator.device)
 
     pairs = encode_pairs_with_starts(tokenizer, records, cfg.max_length)
     seqs, starts, pair_refs = dedupe_sequences(pairs)
@@ -657,14 +697,15 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
     def flat(pair_idx: Sequence[int]) -> list[int]:  # chosen, rejected, chosen, rejected, ...
         return [seq for i in pair_idx for seq in pair_refs[i]]
 
-    margins = torch.tensor([r.margin for r in records], dtype=torch.float32)
+    margins = torch.tensor([r.margin for r in records], dtype=torch.float32, device=accelerator.device)
     use_cache = cfg.cache_lower and not cfg.full and split > 0
     cache = cache_lower(model.trunk, model.split, seqs, tokenizer.pad_token_id) if use_cache else None
     cache_seconds = time.perf_counter() - started
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(fit_idx) / cfg.batch_size)
+    batches = PromptGroupedBatches(records, fit_idx, cfg.batch_size, cfg.seed, by_prompt=cfg.group_by_prompt)
+    steps_per_epoch = len(batches)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = max(1, round(total_steps * cfg.warmup_fraction))
 
@@ -674,46 +715,70 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    if cfg.group_by_prompt:
-        batches = PromptGroupedBatches(records, fit_idx, cfg.batch_size, cfg.seed)
-        loader = torch.utils.data.DataLoader(range(len(records)), batch_sampler=batches)
-    else:
-        loader = torch.utils.data.DataLoader(
-            fit_idx, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed)
-        )
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
     scorer = _Scorer(accelerator.unwrap_model(model), seqs, starts, tokenizer.pad_token_id, cache)
 
-    probe_seconds = 0.0
-    if cfg.head_init == "probe":  # LP-FT: the head starts as the best linear probe on the frozen features
+    # Where the run stands: a fresh start, or the last checkpoint of a killed run.
+    step, train_seconds, eval_metrics, pairs_seen, epochs_run, probe_seconds = 0, 0.0, {}, 0, 0, 0.0
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # (validation loss, epoch, weights)
+    checkpoint = latest_checkpoint(out) if cfg.resume else None
+    if checkpoint is not None:
+        weights, torch_state, state = load_checkpoint(checkpoint, trainable_state(scorer.model))
+        _restore(scorer.model, weights)
+        optimizer.load_state_dict(torch_state["optimizer"])
+        scheduler.load_state_dict(torch_state["scheduler"])
+        if "best_weights" in torch_state:
+            best = (state["best_loss"], state["best_epoch"], torch_state["best_weights"])
+        step, train_seconds, pairs_seen = state["step"], state["train_seconds"], state["pairs_seen"]
+        epochs_run, eval_metrics, probe_seconds = state["epochs_run"], state["eval_metrics"], state["probe_seconds"]
+        console.print(f"resuming {out} from step {step} ({checkpoint.name})")
+    if cfg.resume:
+        truncate_metrics(out, step)  # a killed run's rows after its checkpoint are redone
+    else:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        for old in list_checkpoints(out):
+            shutil.rmtree(old)
+
+    def save(epoch_rows_done: int) -> None:
+        torch_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        trainer_state = {
+            "train_seconds": train_seconds,
+            "pairs_seen": pairs_seen,
+            "epochs_run": epoch_rows_done,
+            "eval_metrics": eval_metrics,
+            "probe_seconds": probe_seconds,
+        }
+        if best is not None:
+            torch_state["best_weights"] = best[2]
+            trainer_state.update(best_loss=best[0], best_epoch=best[1])
+        save_checkpoint(out, step, trainable_state(scorer.model), torch_state, trainer_state, cfg.keep_checkpoints)
+
+    log = (out / "metrics.jsonl").open("a", encoding="utf-8")
+    if cfg.head_init == "probe" and checkpoint is None:  # LP-FT: the head starts as the best linear probe
         t0 = time.perf_counter()
         model.eval()
         feats = scorer.features(flat(fit_idx))
-        weight = fit_linear_probe(feats[0::2], feats[1::2], margins[fit_idx], cfg.probe_l2)
+        weight = fit_linear_probe(feats[0::2].cpu(), feats[1::2].cpu(), margins[fit_idx].cpu(), cfg.probe_l2)
         with torch.no_grad():
             scorer.model.head.weight.copy_(weight[None])
             scorer.model.head.bias.zero_()
         probe_seconds = time.perf_counter() - t0
-
-    log = (out / "metrics.jsonl").open("w", encoding="utf-8")
-    step, train_seconds, eval_metrics, pairs_seen = 0, 0.0, {}, 0
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # (validation loss, epoch, weights)
-    epochs_run = 0
-    if val_idx and cfg.head_init == "probe":  # the probe alone is a candidate too ("epoch 0")
-        s = scorer.all(flat(val_idx))
-        val_metrics = _pair_metrics(s[0::2], s[1::2], margins[val_idx])
-        best = (val_metrics["loss"], 0, _trainable_copy(accelerator.unwrap_model(model)))
-        log.write(json.dumps({"step": 0, "epoch": 0, **{f"val_{k}": v for k, v in val_metrics.items()}}) + "\n")
+        if val_idx:  # the probe alone is a candidate too ("epoch 0")
+            s = scorer.all(flat(val_idx))
+            val_metrics = _pair_metrics(s[0::2], s[1::2], margins[val_idx])
+            best = (val_metrics["loss"], 0, _trainable_copy(scorer.model))
+            log.write(json.dumps({"step": 0, "epoch": 0, **{f"val_{k}": v for k, v in val_metrics.items()}}) + "\n")
+    stopped_early = best is not None and cfg.patience and epochs_run - best[1] >= cfg.patience
     with progress_bar("reward train") as progress:
-        task = progress.add_task("train", total=total_steps, info="")
-        for epoch in range(cfg.epochs):
+        task = progress.add_task("train", total=total_steps, completed=step, info="")
+        first_epoch, skip = divmod(step, steps_per_epoch)
+        for epoch in range(first_epoch, 0 if stopped_early else cfg.epochs):
             model.train()
-            for batch in loader:
+            for pair_idx in batches.epoch_batches(epoch, skip if epoch == first_epoch else 0):
                 t0 = time.perf_counter()
-                pair_idx = [int(i) for i in batch]
                 pairs_seen += len(pair_idx)
                 unique, inverse = torch.unique(torch.tensor(flat(pair_idx)), return_inverse=True)
-                scores = scorer(unique.tolist())[inverse]  # a sequence in several pairs runs once
+                scores = scorer(unique.tolist())[inverse.to(accelerator.device)]  # a shared sequence runs once
                 chosen, rejected = scores[0::2], scores[1::2]
                 loss = bradley_terry_loss(chosen, rejected, margins[pair_idx])
                 accelerator.backward(loss)
@@ -735,6 +800,8 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 progress.update(task, advance=1, info=f"loss {row['loss']:.3f} acc {row['accuracy']:.2f}")
+                if cfg.save_every and step % cfg.save_every == 0 and step % steps_per_epoch:
+                    save(epochs_run)  # mid-epoch; the epoch's end saves below
             model.eval()
             epochs_run = epoch + 1
             row = {"step": step, "epoch": epoch + 1}
@@ -743,7 +810,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
                 val_metrics = _pair_metrics(s[0::2], s[1::2], margins[val_idx])
                 row.update({f"val_{k}": v for k, v in val_metrics.items()})
                 if best is None or val_metrics["loss"] < best[0]:
-                    best = (val_metrics["loss"], epoch + 1, _trainable_copy(accelerator.unwrap_model(model)))
+                    best = (val_metrics["loss"], epoch + 1, _trainable_copy(scorer.model))
             if eval_idx:
                 s = scorer.all(flat(eval_idx))
                 eval_metrics = _pair_metrics(s[0::2], s[1::2], margins[eval_idx])
@@ -754,7 +821,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
             if len(row) > 2:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
-            _save_trainable(accelerator.unwrap_model(model), out / "checkpoints" / "last", cfg.full)
+            save(epochs_run)
             if best is not None and cfg.patience and epoch + 1 - best[1] >= cfg.patience:
                 break
     log.close()
@@ -796,13 +863,6 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
     if show_summary:
         print_table("reward model", metrics)
     return metrics
-
-
-def _save_trainable(model: RewardModel, folder: Path, full: bool) -> None:
-    if full:
-        return  # a full copy per epoch would be the whole model again; the final save has it
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(trainable_state(model), folder / "trainable.safetensors")
 
 
 def _save_reward_model(model: RewardModel, tokenizer, out: Path, cfg: RewardTrainConfig) -> None:

@@ -47,11 +47,10 @@ does (the prompt from the left, then the completion).
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -378,16 +377,6 @@ class KLMonitor:
 # Training
 
 
-def _batches(batches: PromptGroupedBatches, step: int, steps_per_epoch: int) -> Iterator[tuple[int, list[int]]]:
-    """``(epoch, pair indices)`` from optimizer step ``step`` on: the data position is the step alone."""
-    epoch, offset = divmod(step, steps_per_epoch)
-    while True:
-        batches.epoch = epoch  # each epoch's order is seeded by (seed, epoch)
-        for batch in itertools.islice(batches, offset, None):
-            yield epoch, batch
-        epoch, offset = epoch + 1, 0
-
-
 def train(cfg: DPOConfig) -> dict[str, Any]:
     """Run (or continue) DPO in ``cfg.out``; returns the final metrics (also in ``metrics.json``)."""
     from accelerate import Accelerator
@@ -465,7 +454,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
     train_seconds, pairs_seen = 0.0, 0
     with MetricsLog(out, "dpo") as log, progress_bar("dpo") as progress:
         task = progress.add_task("dpo", total=last, completed=step, info="")
-        for epoch, pair_idx in _batches(batches, step, steps_per_epoch):
+        for epoch, pair_idx in batches.from_step(step):
             if step >= last:
                 break
             t0 = time.perf_counter()
