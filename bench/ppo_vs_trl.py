@@ -64,7 +64,8 @@ DIFFERENCES = [
     "Optimizer: both AdamW, eps 1e-5, weight decay 0.01, constant learning rate; TRL's Trainer excludes biases "
     "and norms from weight decay and uses its default optim (fused AdamW).",
     "Sampling draws differ (each side's random stream); both sample at the same temperature with fixed seeds.",
-    "TRL 1.12's PPO never enables gradient checkpointing (its loop bypasses Trainer's), and neither does rlhfkit.",
+    "TRL 1.12's PPO never enables gradient checkpointing (its loop bypasses Trainer's); rlhfkit's is turned off "
+    "here to match (its default is on).",
 ]
 
 
