@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -151,8 +152,27 @@ class MetricsLog:
 
 
 def _replace_dir(tmp: Path, folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
+    """Put the finished ``tmp`` folder in ``folder``'s place, so a kill at any moment leaves one of them
+    whole: its files are fsynced first, and a folder it replaces is moved aside (``*.tmp``, which no
+    reader takes), not deleted, until the new one is in place."""
+    for file in tmp.iterdir():
+        with file.open("rb") as f:
+            os.fsync(f.fileno())
+    aside = folder.with_name(folder.name + ".replaced.tmp")
+    if folder.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        folder.rename(aside)
     tmp.rename(folder)
+    _fsync_dir(folder.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fresh_tmp(folder: Path) -> Path:
@@ -226,13 +246,21 @@ def save_best(run_dir: Path, trainable: dict[str, torch.Tensor], info: dict[str,
     _replace_dir(tmp, folder)
 
 
+def _whole(folder: Path) -> Path:
+    """``folder``, put back from where ``_replace_dir`` moved it if a kill came between its two renames."""
+    aside = folder.with_name(folder.name + ".replaced.tmp")
+    if not folder.exists() and aside.exists():
+        aside.rename(folder)
+    return folder
+
+
 def read_best(run_dir: Path) -> dict[str, Any] | None:
-    info = run_dir / "best" / "info.json"
+    info = _whole(run_dir / "best") / "info.json"
     return json.loads(info.read_text()) if info.exists() else None
 
 
 def load_best(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "best" / "trainable.safetensors")
+    return load_file(_whole(run_dir / "best") / "trainable.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------
