@@ -281,13 +281,14 @@ def test_early_stopping_keeps_the_best_epochs_weights(tmp_path: Path) -> None:
     assert abs(reloaded["loss"] - val[6]) > 1e-3
 
 
-@pytest.mark.parametrize("die_at_step", [5, 9])
+@pytest.mark.parametrize("die_at_step", [2, 5, 9])
 def test_a_killed_reward_training_resumes_to_a_straight_runs_metrics(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, die_at_step: int
 ) -> None:
-    """Killed in step 5 (the last checkpoint mid-epoch, step 3) or step 9 (the last one at epoch 1's
-    end, step 7), then ``--resume``: the same metrics rows, final metrics and head as a straight run.
-    LP-FT, early-stopping validation and head dropout on, so every piece of state must come back."""
+    """Killed in step 2 (before any checkpoint), step 5 (the last one mid-epoch, step 3) or step 9 (the
+    last one at epoch 1's end, step 7), then ``--resume``: the same metrics rows, final metrics and
+    head as a straight run. LP-FT, early-stopping validation and head dropout on, so every piece of
+    state must come back."""
     data = noise_preferences(tmp_path / "noise.jsonl")
     settings = dict(
         data=str(data),
@@ -327,8 +328,9 @@ def test_a_killed_reward_training_resumes_to_a_straight_runs_metrics(
     with pytest.raises(KeyboardInterrupt):
         train_reward_model(RewardTrainConfig(out=str(killed), **settings), show_summary=False)
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
-    resumes_from = {5: 3, 9: 7}[die_at_step]  # every 3 steps and at an epoch's end (7 steps an epoch)
-    assert max(c.name for c in (killed / "checkpoints").iterdir()) == f"step-{resumes_from:06d}"
+    resumes_from = {2: 0, 5: 3, 9: 7}[die_at_step]  # every 3 steps and at an epoch's end (7 steps an epoch)
+    checkpoints = [c.name for c in (killed / "checkpoints").iterdir()] if resumes_from else []
+    assert max(checkpoints, default="none") == (f"step-{resumes_from:06d}" if resumes_from else "none")
     assert not (killed / "metrics.json").exists()
     train_reward_model(RewardTrainConfig(resume=str(killed)), show_summary=False)
     rows, metrics, head = result(killed)

@@ -732,9 +732,9 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
         step, train_seconds, pairs_seen = state["step"], state["train_seconds"], state["pairs_seen"]
         epochs_run, eval_metrics, probe_seconds = state["epochs_run"], state["eval_metrics"], state["probe_seconds"]
         console.print(f"resuming {out} from step {step} ({checkpoint.name})")
-    if cfg.resume:
+    if checkpoint is not None:
         truncate_metrics(out, step)  # a killed run's rows after its checkpoint are redone
-    else:
+    else:  # a new run, or one killed before its first checkpoint: from the start
         (out / "metrics.jsonl").unlink(missing_ok=True)
         for old in list_checkpoints(out):
             shutil.rmtree(old)
