@@ -141,7 +141,9 @@ def test_sliced_checkpointed_logprobs_equal_the_plain_head(monkeypatch: pytest.M
         (logp * weights).sum().backward()
         results.append((logp.detach(), entropy.detach(), hidden.grad.clone(), model.lm_head.weight.grad.clone()))
     for ours, expected in zip(results[1], results[0], strict=True):
-        assert torch.allclose(ours, expected, atol=1e-5)
+        # fp32 sums in another order (the matmul blocks by slice size, and kernels differ by CPU):
+        # equal to a relative 1e-4, measured 1.2e-5 on an AMD EPYC host.
+        torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_ppo_raises_a_token_reward_with_bounded_kl(tmp_path: Path, prompts: Path) -> None:

@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.datastructures import MutableHeaders
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlhfkit.data import prompt_text
 from rlhfkit.labeling.store import (
@@ -42,6 +43,7 @@ from rlhfkit.labeling.store import (
     NotAssignedError,
     NothingToUndoError,
 )
+from rlhfkit.web import BodyLimit, unreadable_body
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_TOKEN_CHARS = 256
@@ -55,6 +57,73 @@ SECURITY_HEADERS = {
 }
 
 
+class Detail(BaseModel):
+    """Every error: a readable sentence (or ``field: problem; ...`` for a bad body)."""
+
+    detail: str
+
+
+class Progress(BaseModel):
+    done: int = Field(description="labels this labeler has given")
+    remaining: int = Field(description="pairs they could still get (others may take some first)")
+
+
+class NextPair(BaseModel):
+    pair_id: int
+    prompt: str = Field(description="the prompt as text (a conversation joined by roles)")
+    a: str
+    b: str
+    progress: Progress
+    messages: list[dict[str, Any]] | None = Field(None, description="the conversation, when the prompt is one")
+
+
+class LabelResult(BaseModel):
+    ok: bool
+    label_id: int
+    duplicate: bool = Field(description="true: the very same label was already stored (a retried request)")
+    progress: Progress
+
+
+class UndoneLabel(BaseModel):
+    label_id: int
+    pair_id: int
+    choice: str
+    note: str | None
+
+
+class UndoResult(BaseModel):
+    ok: bool
+    undone: UndoneLabel
+    progress: Progress
+
+
+class LabelerProgress(Progress):
+    labeler: str
+
+
+class LabelerRow(BaseModel):
+    name: str
+    created_at: str
+    revoked_at: str | None
+    labels: int
+    last_label_at: str | None
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the errors a route can give, all shaped ``{"detail": str}``."""
+    meaning = {
+        401: "missing, malformed or unknown token",
+        403: "a token of the wrong role",
+        409: "the pair is not assigned to this labeler, or nothing to undo",
+        413: "body over the size limit",
+        422: "body is not what the route expects (or not UTF-8 JSON at all)",
+    }
+    return {status: {"model": Detail, "description": meaning[status]} for status in statuses}
+
+
+AUTH_ERRORS = (401, 403)
+
+
 class LabelRequest(BaseModel):
     """Body of ``POST /api/label``; strict, so ``"1"`` is not a pair id and unknown keys are errors."""
 
@@ -63,50 +132,6 @@ class LabelRequest(BaseModel):
     pair_id: int = Field(ge=1, le=2**63 - 1, description="pair_id from GET /api/next")
     choice: Literal["a", "b", "tie", "skip"] = Field(description="a: left better, b: right better")
     note: str | None = Field(default=None, max_length=MAX_NOTE_CHARS, description="optional free text")
-
-
-class _Guard:
-    """Pure ASGI wrapper: rejects bodies over ``max_body_bytes`` with 413 and adds security headers.
-
-    The declared Content-Length is checked before anything is read; a chunked body is counted as it
-    arrives, so a client can never make the server buffer more than the limit.
-    """
-
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for key, value in SECURITY_HEADERS.items():
-                    if key not in headers:
-                        headers[key] = value
-            await send(message)
-
-        too_large = f"request body over {self.max_body_bytes} bytes"
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            status, detail = (413, too_large) if declared.isdigit() else (400, "bad Content-Length")
-            await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send_with_headers)
-            return
-        received = 0
-
-        async def bounded_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise HTTPException(413, too_large)  # FastAPI re-raises it from body parsing as a 413
-            return message
-
-        await self.app(scope, bounded_receive, send_with_headers)
 
 
 def _csp(html: str) -> str:
@@ -161,13 +186,28 @@ def create_app(
         store.set_overlap(overlap)
     app = FastAPI(title="rlhfkit labeling", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store = store
-    app.add_middleware(_Guard, max_body_bytes=max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        max_body_bytes=max_body_bytes,
+        error_body=lambda _status, message: {"detail": message},
+        headers=SECURITY_HEADERS,
+    )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": _readable(exc)}, status_code=422)
 
-    def bearer(request: Request) -> str:
+    @app.exception_handler(StarletteHTTPException)  # what FastAPI raises for an unparsable body
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        unreadable = unreadable_body(exc)
+        if unreadable:  # a body that is not even text or JSON: the same 422 as any other bad body
+            return JSONResponse({"detail": unreadable}, status_code=422)
+        return await http_exception_handler(request, exc)
+
+    documented_bearer = HTTPBearer(auto_error=False, description="a labeler's token, or the admin token")
+
+    def bearer(request: Request, _scheme: Any = Depends(documented_bearer)) -> str:
+        # HTTPBearer only puts the scheme into the OpenAPI schema; this parse gives the readable errors.
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token or len(token) > MAX_TOKEN_CHARS:
@@ -203,8 +243,13 @@ def create_app(
     def healthz() -> dict[str, bool]:
         return {"ok": True}
 
-    @app.get("/api/next", response_model=None)
-    def next_pair(labeler: Labeler = Depends(current_labeler)) -> Response | dict[str, Any]:
+    @app.get(
+        "/api/next",
+        response_model=NextPair,
+        response_model_exclude_none=True,  # "messages" only when the prompt is a conversation
+        responses={204: {"description": "nothing left for this labeler"}, **_errors(*AUTH_ERRORS)},
+    )
+    def next_pair(labeler: Labeler = Depends(current_labeler)) -> Any:
         view = store.next_pair(labeler, lease_seconds)
         if view is None:
             return Response(status_code=204)
@@ -219,7 +264,7 @@ def create_app(
             body["messages"] = view.prompt
         return body
 
-    @app.post("/api/label")
+    @app.post("/api/label", response_model=LabelResult, responses=_errors(*AUTH_ERRORS, 409, 413, 422))
     def post_label(body: LabelRequest, labeler: Labeler = Depends(current_labeler)) -> dict[str, Any]:
         try:
             label_id, created = store.add_label(labeler, body.pair_id, body.choice, body.note)
@@ -232,7 +277,7 @@ def create_app(
             "progress": store.progress(labeler, lease_seconds),
         }
 
-    @app.post("/api/undo")
+    @app.post("/api/undo", response_model=UndoResult, responses=_errors(*AUTH_ERRORS, 409, 413, 422))
     def post_undo(labeler: Labeler = Depends(current_labeler)) -> dict[str, Any]:
         try:
             undone = store.undo(labeler)
@@ -240,15 +285,20 @@ def create_app(
             raise HTTPException(409, str(exc)) from None
         return {"ok": True, "undone": undone, "progress": store.progress(labeler, lease_seconds)}
 
-    @app.get("/api/progress")
+    @app.get("/api/progress", response_model=LabelerProgress, responses=_errors(*AUTH_ERRORS))
     def get_progress(labeler: Labeler = Depends(current_labeler)) -> dict[str, Any]:
         return {"labeler": labeler.name, **store.progress(labeler, lease_seconds)}
 
-    @app.get("/api/admin/stats", dependencies=[Depends(current_admin)])
+    @app.get("/api/admin/stats", dependencies=[Depends(current_admin)], responses=_errors(*AUTH_ERRORS))
     def admin_stats() -> dict[str, Any]:
         return store.stats()
 
-    @app.get("/api/admin/labelers", dependencies=[Depends(current_admin)])
+    @app.get(
+        "/api/admin/labelers",
+        dependencies=[Depends(current_admin)],
+        response_model=list[LabelerRow],
+        responses=_errors(*AUTH_ERRORS),
+    )
     def admin_labelers() -> list[dict[str, Any]]:
         return store.list_labelers()
 

@@ -48,6 +48,10 @@ class ServeConfig:
     max_batch_size: int = option(16, "Most sequences (requests x n) decoded together in one batch.")
     max_model_len: int = option(0, "Context length, prompt + completion tokens (0 = the model's own).")
     max_tokens: int = option(256, "max_tokens of a request that leaves it out (capped by the context).")
+    max_queue: int = option(
+        128, "Most requests waiting for a batch; past it a request gets 503 with Retry-After (bounded memory)."
+    )
+    max_body_bytes: int = option(2 * 1024 * 1024, "Largest request body in bytes; a larger one gets 413 unread.")
 
     def __post_init__(self) -> None:
         parse_adapter_specs(self.adapter)
@@ -55,6 +59,8 @@ class ServeConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_batch_size < 1 or self.max_tokens < 1 or self.max_model_len < 0:
             raise ValueError("max_batch_size and max_tokens must be >= 1, max_model_len >= 0")
+        if self.max_queue < 1 or self.max_body_bytes < 1024:
+            raise ValueError("max_queue must be >= 1 and max_body_bytes >= 1024")
 
 
 def run_serve(cfg: ServeConfig) -> None:
@@ -71,6 +77,7 @@ def run_serve(cfg: ServeConfig) -> None:
         max_batch_size=cfg.max_batch_size,
         max_model_len=cfg.max_model_len,
         default_max_tokens=cfg.max_tokens,
+        max_queue=cfg.max_queue,
     )
     Console(stderr=True, soft_wrap=True).print(
         f"serving {', '.join(engine.model_names)} (context {engine.context_length} tokens) on "
@@ -78,7 +85,7 @@ def run_serve(cfg: ServeConfig) -> None:
         markup=False,
         highlight=False,
     )
-    run_server(engine, cfg.host, cfg.port)
+    run_server(engine, cfg.host, cfg.port, max_body_bytes=cfg.max_body_bytes)
 
 
 @dataclass

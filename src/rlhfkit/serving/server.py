@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import secrets
 import socket
 import threading
@@ -35,21 +36,27 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from starlette.requests import Request
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import encode_prompts, left_pad
 from rlhfkit.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, position_ids_from_mask, resolve_model_path
+from rlhfkit.web import BodyLimit, unreadable_body
 
 logger = logging.getLogger("rlhfkit.serve")
 
 MAX_N = 16  # choices per request
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 GRACEFUL_SHUTDOWN_S = 30
+MAX_QUEUE = 128  # requests waiting for a batch; past it a 503 with Retry-After
+MAX_BODY_BYTES = 2 * 1024 * 1024  # a 128k-token prompt is about 0.5 MB of text
+DISCONNECT_POLL_S = 0.25  # how often a waiting (non-streaming) request checks that its client is still there
 
 
 class APIError(Exception):
@@ -63,9 +70,11 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -184,6 +193,7 @@ class ServeEngine:
         max_batch_size: int = 16,
         max_model_len: int = 0,
         default_max_tokens: int = 256,
+        max_queue: int = MAX_QUEUE,
     ) -> None:
         from rlhfkit.serving.export import load_adapter_source
 
@@ -215,6 +225,10 @@ class ServeEngine:
         self.context_length = max_model_len or context_length(model, self.tokenizer)
         self.max_batch_size = max_batch_size
         self.default_max_tokens = default_max_tokens
+        self.max_queue = max_queue
+        # One request may fill a whole batch, and n may always reach MAX_N; more rows than that
+        # would make one request a batch of its own of unbounded size.
+        self.max_request_rows = max(max_batch_size, MAX_N)
         eos = {self.tokenizer.eos_token_id}
         configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos |= set(configured) if isinstance(configured, (list, tuple)) else {configured}
@@ -228,6 +242,9 @@ class ServeEngine:
         self.batches = 0  # counters for /health and the tests
         self.sequences = 0
         self.largest_batch = 0
+        self.decoded_rows = 0  # rows fed through decode steps: finished and cancelled rows stop counting
+        self.rejected = 0  # requests refused because the queue was full
+        self._batch_seconds = 1.0  # running mean of one batch's wall time, for Retry-After
 
     # -- models ----------------------------------------------------------------------------------
 
@@ -273,9 +290,24 @@ class ServeEngine:
         return len(self._pending)
 
     def submit(self, job: Job) -> None:
+        """Queue a job, or refuse it with a 503 when shutting down or when ``max_queue`` jobs wait."""
         with self._cond:
             if not self.alive:
                 raise APIError(503, "The server is shutting down", kind="server_error", code="unavailable")
+            if len(self._pending) >= self.max_queue:
+                self._pending = deque(j for j in self._pending if not j.cancelled)  # clients that left
+            if len(self._pending) >= self.max_queue:
+                self.rejected += 1
+                # About when a place frees up: the batches ahead of it, at the recent batch time.
+                ahead = 1 + len(self._pending) // self.max_batch_size
+                retry = max(1, math.ceil(self._batch_seconds * ahead))
+                raise APIError(
+                    503,
+                    f"The server is busy ({len(self._pending)} requests waiting); retry in {retry} s",
+                    kind="server_error",
+                    code="overloaded",
+                    headers={"Retry-After": str(retry)},
+                )
             self._pending.append(job)
             self._cond.notify()
 
@@ -328,8 +360,10 @@ class ServeEngine:
                 batch = self._take_batch()
             if not batch:
                 continue
+            started = time.perf_counter()
             try:
                 self._generate(batch)
+                self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - started)
             except Exception:
                 logger.exception("generation failed for a batch of %d request(s)", len(batch))
                 for job in batch:
@@ -378,47 +412,58 @@ class ServeEngine:
 
     @torch.inference_mode()
     def _generate(self, batch: list[Job]) -> None:
+        """Decode a batch; a row leaves the batch (and its KV cache) as soon as it ends or its client leaves."""
         from transformers import DynamicCache
 
-        rows: list[_Row] = []
-        groups: list[tuple[Job, int, int, torch.Generator]] = []
-        for job in batch:
-            start = len(rows)
-            rows += [
-                _Row(self, job, p * job.n + k, prompt) for p, prompt in enumerate(job.prompts) for k in range(job.n)
-            ]
-            generator = torch.Generator().manual_seed(job.seed if job.seed is not None else secrets.randbits(63))
-            groups.append((job, start, len(rows), generator))
+        rows = [
+            _Row(self, job, p * job.n + k, prompt)
+            for job in batch
+            for p, prompt in enumerate(job.prompts)
+            for k in range(job.n)
+        ]
+        generators = {
+            job: torch.Generator().manual_seed(job.seed if job.seed is not None else secrets.randbits(63))
+            for job in batch
+        }
         ids, mask = left_pad([r.prompt for r in rows], self.pad_id)
         self.batches += 1
         self.sequences += len(rows)
         self.largest_batch = max(self.largest_batch, len(rows))
+        live = rows  # rows still decoding, in batch order (a job's rows stay next to each other)
         with self._active(batch[0].adapter):
             cache = DynamicCache()
             logits = self._forward(ids, mask, position_ids_from_mask(mask), cache)
             for _ in range(max(job.max_tokens for job in batch)):
-                for job, start, end, _g in groups:
-                    if job.cancelled:
-                        for row in rows[start:end]:
-                            row.done = True
-                next_tokens = torch.full((len(rows),), self.pad_id, dtype=torch.long)
-                for job, start, end, generator in groups:
-                    if not all(r.done for r in rows[start:end]):
-                        next_tokens[start:end] = _sample(logits[start:end], job.temperature, job.top_p, generator)
-                for row, token in zip(rows, next_tokens.tolist(), strict=True):
-                    if not row.done:
-                        row.push(token)
-                if all(r.done for r in rows):
+                # Each job samples from its own generator, so a seeded request does not depend on
+                # what shares its batch.
+                next_tokens = torch.empty(len(live), dtype=torch.long)
+                start = 0
+                for job, members in groupby(live, key=lambda row: row.job):
+                    end = start + len(list(members))
+                    next_tokens[start:end] = _sample(logits[start:end], job.temperature, job.top_p, generators[job])
+                    start = end
+                for row, token in zip(live, next_tokens.tolist(), strict=True):
+                    row.push(token)
+                keep = [i for i, row in enumerate(live) if not (row.done or row.job.cancelled)]
+                if not keep:
                     break
+                if len(keep) < len(live):
+                    index = torch.tensor(keep)
+                    cache.batch_select_indices(index)
+                    mask, next_tokens = mask[index], next_tokens[index]
+                    live = [live[i] for i in keep]
+                self.decoded_rows += len(live)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
                 logits = self._forward(next_tokens[:, None], mask, mask.sum(-1, keepdim=True) - 1, cache)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
     """Greedy at temperature 0, else temperature and nucleus (top-p) sampling with the job's generator."""
-    if temperature == 0:
+    if temperature < torch.finfo(logits.dtype).tiny:  # 0, or a denormal that rounds to 0 in the logits' dtype
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1)
+    # Shift by the max before dividing: a tiny temperature (1e-30) then gives a near-greedy
+    # distribution instead of inf / inf = NaN.
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, -1)
     if top_p < 1:
         sorted_probs, order = probs.sort(-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the most likely token always stays
@@ -430,10 +475,24 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
 # The OpenAI request bodies
 
 
+def _whole_number(value: Any) -> Any:
+    """2.0 as 2: JSON Schema counts it as an integer, and Python's json writes a float-typed count so."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# int fields that also take 2.0 (never "2" or true); bounds inside, so the schema shows them too
+Count = Annotated[int, BeforeValidator(_whole_number)]
+PositiveCount = Annotated[int, Field(ge=1), BeforeValidator(_whole_number)]
+ChoiceCount = Annotated[int, Field(ge=1, le=MAX_N), BeforeValidator(_whole_number)]
+
+
 class _Body(BaseModel):
     # strict: "max_tokens": "5" or true is a client bug to report, not to guess at. Unknown fields
-    # (user, metadata, ...) are ignored as OpenAI-compatible servers do.
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # (user, metadata, ...) are ignored as OpenAI-compatible servers do. NaN and Infinity (which
+    # Python's JSON parser reads) are "not a finite number", not a confusing range error.
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -442,12 +501,12 @@ class StreamOptions(_Body):
 
 class _Sampling(_Body):
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: PositiveCount | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = Field(None, ge=1, le=MAX_N)
+    n: ChoiceCount | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Count | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
@@ -491,9 +550,9 @@ class ChatMessage(_Body):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: PositiveCount | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Count | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -509,10 +568,10 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[Count] | list[list[Count]]
     echo: bool | None = None
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: Count | None = None
+    best_of: Count | None = None
     suffix: str | None = None
 
     def unsupported(self) -> list[str]:
@@ -524,13 +583,116 @@ class CompletionRequest(_Sampling):
 
 
 # ----------------------------------------------------------------------------------------------
+# The response bodies (documented in /openapi.json; the fuzz tests hold every response to them)
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every error, in OpenAI's shape."""
+
+    error: ErrorInfo
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class Health(BaseModel):
+    status: Literal["ok", "stopping"]
+    models: list[str]
+    queued: int
+    batches: int
+    sequences: int
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorBody, "description": "the request is wrong: bad JSON or field (400), unknown model (404)"},
+    "5XX": {"model": ErrorBody, "description": "busy (503 with Retry-After), shutting down (503) or a server fault"},
+}
+_GENERATION = {
+    200: {
+        "description": 'the completion; with "stream": true, server-sent events ending in "data: [DONE]"',
+        "content": {
+            "text/event-stream": {
+                "schema": {  # one server-sent event: a chunk (or an error) as JSON, the last one [DONE]
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                }
+            }
+        },
+    },
+    **_ERRORS,
+}
+
+
+# ----------------------------------------------------------------------------------------------
 # The app
 
 
 def _error_response(error: APIError) -> Any:
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def _sse(payload: dict[str, Any] | str) -> str:
@@ -545,13 +707,13 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def create_app(engine: ServeEngine) -> Any:
+def create_app(engine: ServeEngine, max_body_bytes: int = MAX_BODY_BYTES) -> Any:
     """The FastAPI app: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``, ``/health``.
 
     The app starts the engine's worker on startup and stops it on shutdown (after uvicorn has let
-    the requests in flight finish).
+    the requests in flight finish). A body over ``max_body_bytes`` gets a 413 before it is read.
     """
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -565,6 +727,11 @@ def create_app(engine: ServeEngine) -> Any:
             await asyncio.to_thread(engine.stop, GRACEFUL_SHUTDOWN_S)
 
     app = FastAPI(title="rlhfkit serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(
+        BodyLimit,
+        max_body_bytes=max_body_bytes,
+        error_body=lambda status, message: APIError(status, message, code="body_too_large").body(),
+    )
     started = int(time.time())
 
     @app.exception_handler(APIError)
@@ -588,6 +755,9 @@ def create_app(engine: ServeEngine) -> Any:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        unreadable = unreadable_body(exc)
+        if unreadable:
+            return _error_response(APIError(400, unreadable, code="invalid_json"))
         return _error_response(APIError(exc.status_code, str(exc.detail), code=code))
 
     @app.exception_handler(Exception)
@@ -595,7 +765,7 @@ def create_app(engine: ServeEngine) -> Any:
         # Starlette re-raises after this response is sent, so uvicorn logs the traceback server-side.
         return _error_response(APIError(500, "Internal server error", kind="server_error", code="internal_error"))
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "shutting down"}})
     async def health() -> JSONResponse:
         body = {
             "status": "ok" if engine.alive else "stopping",
@@ -606,7 +776,7 @@ def create_app(engine: ServeEngine) -> Any:
         }
         return JSONResponse(body, status_code=200 if engine.alive else 503)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> dict[str, Any]:
         def card(name: str, root: str, parent: str | None) -> dict[str, Any]:
             return {
@@ -622,7 +792,7 @@ def create_app(engine: ServeEngine) -> Any:
         data += [card(name, str(path), engine.base_name) for name, path in engine.adapter_dirs.items()]
         return {"object": "list", "data": data}
 
-    @app.get("/v1/models/{name:path}")
+    @app.get("/v1/models/{name:path}", response_model=ModelCard, responses=_ERRORS)
     async def get_model(name: str) -> dict[str, Any]:
         engine.resolve(name)
         return next(m for m in (await list_models())["data"] if m["id"] == name)
@@ -634,6 +804,14 @@ def create_app(engine: ServeEngine) -> Any:
             raise APIError(400, f"{unsupported[0]}: not supported by this server", param=unsupported[0])
         if any(not p for p in prompts):
             raise APIError(400, f"{param}: the prompt is empty", param=param)
+        rows = len(prompts) * (body.n or 1)
+        if rows > engine.max_request_rows:
+            raise APIError(
+                400,
+                f"{param}: {rows} sequences (prompts x n) in one request; this server takes at most "
+                f"{engine.max_request_rows} (send several requests)",
+                param=param,
+            )
         return Job(
             model=body.model,
             adapter=adapter,
@@ -649,13 +827,25 @@ def create_app(engine: ServeEngine) -> Any:
             events=asyncio.Queue(),
         )
 
-    async def results(job: Job) -> AsyncIterator[tuple]:
-        """A submitted job's events until every choice is done; a client that leaves cancels the job."""
+    async def results(job: Job, request: Request | None = None) -> AsyncIterator[tuple]:
+        """A submitted job's events until every choice is done; a client that leaves cancels the job.
+
+        A stream notices a client that left when its next write fails; a plain request, which
+        writes nothing until the end, asks the connection (``request``) every DISCONNECT_POLL_S.
+        """
         assert job.events is not None
         remaining = job.rows
         try:
             while remaining:
-                event = await job.events.get()
+                if request is None:
+                    event = await job.events.get()
+                else:
+                    try:
+                        event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():
+                            raise APIError(400, "The client disconnected", code="client_disconnected") from None
+                        continue
                 if event[0] == "error":
                     code = "internal_error" if event[1] == 500 else "unavailable"
                     raise APIError(event[1], event[2], kind="server_error", code=code)
@@ -664,10 +854,10 @@ def create_app(engine: ServeEngine) -> Any:
         finally:
             job.cancelled = remaining > 0  # the worker drops a cancelled job's rows at its next step
 
-    async def collect(job: Job) -> tuple[list[str], list[str], int]:
+    async def collect(job: Job, request: Request) -> tuple[list[str], list[str], int]:
         engine.submit(job)
         texts, reasons, tokens = [""] * job.rows, ["stop"] * job.rows, 0
-        async for event in results(job):
+        async for event in results(job, request):
             if event[0] == "done":
                 _, index, text, reason, generated = event
                 texts[index], reasons[index] = text, reason
@@ -704,8 +894,8 @@ def create_app(engine: ServeEngine) -> Any:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=_GENERATION)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
             for i, m in enumerate(body.messages)
@@ -731,15 +921,15 @@ def create_app(engine: ServeEngine) -> Any:
             # OpenAI opens every choice with its role before any content.
             first = [chunk(i, None, None, {"role": "assistant", "content": ""}) for i in range(job.rows)]
             return stream(job, chunk, len(prompt), include_usage, first)
-        texts, reasons, tokens = await collect(job)
+        texts, reasons, tokens = await collect(job, request)
         choices = [
             {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
             for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
         ]
         return {**base, "object": "chat.completion", "choices": choices, "usage": _usage(len(prompt), tokens)}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
+    @app.post("/v1/completions", response_model=Completion, responses=_GENERATION)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
         engine.resolve(body.model)
         prompt = body.prompt
         if isinstance(prompt, str):
@@ -767,7 +957,7 @@ def create_app(engine: ServeEngine) -> Any:
                 return {**base, "choices": [choice], **extra}
 
             return stream(job, chunk, prompt_tokens, include_usage)
-        texts, reasons, tokens = await collect(job)
+        texts, reasons, tokens = await collect(job, request)
         choices = [
             {"index": i, "text": t, "logprobs": None, "finish_reason": r}
             for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
@@ -792,11 +982,21 @@ def check_port(host: str, port: int) -> None:
             raise RlhfkitError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from exc
 
 
-def run_server(engine: ServeEngine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def run_server(
+    engine: ServeEngine,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> None:
     """Serve until SIGINT/SIGTERM; uvicorn then lets requests in flight finish (up to 30 s)."""
     import uvicorn
 
     config = uvicorn.Config(
-        create_app(engine), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S
+        create_app(engine, max_body_bytes),
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
     uvicorn.Server(config).run()
