@@ -23,6 +23,7 @@ ONLINE = "--policy tiny-random --max-new-tokens 6 --trainable-layers 1 --learnin
 COMMANDS = {
     "ppo": f"ppo {ONLINE} --max-steps 8 --missing-eos-penalty off --batch-size 8 --mini-batch-size 4 --ppo-epochs 2",
     "grpo": f"grpo {ONLINE} --max-steps 8 --missing-eos-penalty off --batch-size 4 --num-generations 4",
+    "rloo": f"rloo {ONLINE} --max-steps 8 --missing-eos-penalty off --batch-size 4 --num-generations 2",
     "dpo": "dpo --policy tiny-random --trainable-layers 1 --batch-size 4 --epochs 2 --learning-rate 1e-3"
     " --save-every 2",
 }

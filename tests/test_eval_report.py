@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from rlhfkit.cli import app
@@ -225,3 +232,44 @@ def test_report_leads_with_the_verdict_and_escapes_deflections(tmp_path: Path) -
     assert "deflection rate tuned - base 0.5 &gt; 0.1" in page and "fluency perplexity tuned/base 3 &gt; 1.25" in page
     assert "<h2>Deflections</h2>" in page and "1 of 2 completions flagged" in page
     assert "I&#x27;m here to help" in page and "gemma3-270m" in page
+
+
+def without_timings(path: Path) -> dict:
+    metrics = json.loads(path.read_text())
+    del metrics["settings"]["fluency_seconds"]  # wall time, the only number that may differ
+    return metrics
+
+
+def test_eval_killed_at_random_points_then_run_again_equals_a_straight_run(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """SIGKILL `python -m rlhfkit eval` after a random number of sampled batches (2 draws, of 18:
+    9 for the base, 9 for the tuned run), run it again onto the same output: metrics.json and
+    samples.jsonl equal a straight run's (but for wall times), and no journal is left behind."""
+    args = ["eval", "--base", "tiny-random", "--adapter", str(runs["run_a"]), "--prompts", str(runs["held"]),
+            "--max-new-tokens", "6", "--batch-size", "1", "--seed", "3"]  # fmt: skip
+    straight = tmp_path / "straight"
+    invoke(*args, "--out", str(straight))
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same float sums as in-process
+    killed_after = []
+    for draw, target in enumerate(random.Random(11).sample(range(1, 18), 2)):
+        out = tmp_path / f"killed{draw}"
+        proc = subprocess.Popen([sys.executable, "-m", "rlhfkit", *args, "--out", str(out)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+        def batches_done(folder: Path = out) -> int:
+            return sum(len(j.read_bytes().splitlines()) - 1 for j in folder.glob("*.samples.partial"))
+
+        while proc.poll() is None:
+            if batches_done() >= target:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.001)
+        assert proc.wait() == -signal.SIGKILL, "the run ended before the kill"
+        assert not (out / "metrics.json").exists()
+        killed_after.append(batches_done())
+        invoke(*args, "--out", str(out))
+        assert (out / "samples.jsonl").read_bytes() == (straight / "samples.jsonl").read_bytes(), draw
+        assert without_timings(out / "metrics.json") == without_timings(straight / "metrics.json"), draw
+        assert not list(out.glob("*.partial"))
+    assert min(killed_after) >= 1, killed_after

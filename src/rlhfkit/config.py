@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -127,13 +126,9 @@ def load_yaml_config(cls: type, path: Path) -> dict[str, Any]:
 def save_config(cfg: Any, path: Path) -> None:
     """Write the resolved config so a run directory says exactly how it was made (atomically: a kill
     leaves the old file or the new one, never half of one)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from rlhfkit.data import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
 @contextmanager

@@ -503,22 +503,27 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write a {type(value).__name__} value to JSON")
 
 
-def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Write rows as UTF-8 JSONL atomically (temporary file, fsync, rename), so a crash never leaves a
-    half-written file behind: the old file or the new one, whole."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a UTF-8 text file atomically (temporary file, fsync, rename): a kill at any moment
+    leaves the old file or the new one, whole, never half of one."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Write rows as UTF-8 JSONL, atomically (see :func:`write_text_atomic`)."""
+    lines = [json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in rows]
+    write_text_atomic(path, "".join(lines))
 
 
 def _with_extra(row: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import shutil
 import time
@@ -22,7 +21,7 @@ from typing import Any
 from rich.console import Console
 
 from rlhfkit.config import load_yaml_config, option, save_config
-from rlhfkit.data import prompt_text
+from rlhfkit.data import prompt_text, write_text_atomic
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import DEFAULT_MODEL
 
@@ -83,9 +82,7 @@ class _Stages:
         started = time.perf_counter()
         result = stage()
         self.done[key] = {"result": result, "seconds": time.perf_counter() - started}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.done, indent=2, default=str) + "\n")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(self.done, indent=2, default=str) + "\n")
         return json.loads(json.dumps(result, default=str))  # what a reused stage gives, too
 
     @property
@@ -320,7 +317,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "seconds": {k: round(v, 1) for k, v in stages.seconds.items()},
         "total_seconds": round(time.perf_counter() - started, 1),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     _write_demo_summary(out, metrics, examples, cfg.algo)
     console.print(
         f"wrote {out / 'metrics.json'}, {out / 'SUMMARY.md'} and the report {out / 'eval' / 'report.html'}",
@@ -378,4 +375,4 @@ def _write_demo_summary(out: Path, metrics: dict, examples: list[dict], algo: st
             f"  - base ({row['base_nontoxic']:.2f}): {row['base_completion']!r}",
             f"  - tuned ({row['tuned_nontoxic']:.2f}): {row['tuned_completion']!r}",
         ]
-    (out / "SUMMARY.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(out / "SUMMARY.md", "\n".join(lines) + "\n")

@@ -226,16 +226,16 @@ def generate_completions(
         "seed": seed,
         **(identity or {}),
     }
-    done = _read_journal(Path(journal), header) if journal is not None else []
+    done = read_journal(Path(journal), header) if journal is not None else []
     for entry in done:
         for i, texts in zip(order[entry["batch"] * batch_size :], entry["completions"], strict=False):
             completions[i] = texts
         tokens, eos_count = tokens + entry["tokens"], eos_count + entry["eos"]
     resumed_tokens = tokens
     if done:
-        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(done[-1]["rng"])), dtype=torch.uint8))
+        restore_rng_text(done[-1]["rng"])
     finished = min(len(done) * batch_size, len(prompts))
-    log = _open_journal(Path(journal), header, len(done)) if journal is not None else None
+    log = open_journal(Path(journal), header, len(done)) if journal is not None else None
     progress = progress_bar("generate", disable=not show_progress)
     try:
         with progress:
@@ -255,9 +255,9 @@ def generate_completions(
                         "completions": [completions[i] for i in idx],
                         "tokens": int(batch.lengths.sum()),
                         "eos": int(batch.ended.sum()),
-                        "rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+                        "rng": rng_text(),
                     }
-                    _append_synced(log, entry)
+                    append_synced(log, entry)
                 elapsed = time.perf_counter() - start
                 progress.update(task, advance=len(idx), info=f"{(tokens - resumed_tokens) / elapsed:.0f} tok/s")
     finally:
@@ -267,13 +267,27 @@ def generate_completions(
     return GenerationResult(completions, tokens, eos_count, seconds, finished, resumed_tokens)
 
 
-def _append_synced(log: IO[str], entry: dict[str, Any]) -> None:
+# The journal of a long sampling run (`rlhf generate`, `rlhf eval`): a header line with the run's
+# settings, then one JSON line per finished batch, each flushed and fsynced before the next batch.
+
+
+def rng_text() -> str:
+    """torch's CPU random state as text, for a journal line."""
+    return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+
+
+def restore_rng_text(text: str) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8))
+
+
+def append_synced(log: IO[str], entry: dict[str, Any]) -> None:
+    """One journal line, on disk before this returns."""
     log.write(json.dumps(entry, ensure_ascii=False) + "\n")
     log.flush()
     os.fsync(log.fileno())
 
 
-def _read_journal(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
+def read_journal(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
     """The complete batch lines of an earlier run with the same ``header`` (none if no journal)."""
     if not path.exists():
         return []
@@ -301,7 +315,7 @@ def _read_journal(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
     return done
 
 
-def _open_journal(path: Path, header: dict[str, Any], keep: int) -> IO[str]:
+def open_journal(path: Path, header: dict[str, Any], keep: int) -> IO[str]:
     """The journal rewritten with its header and first ``keep`` batches (dropping a torn line), open to append."""
     kept = path.read_text(encoding="utf-8").split("\n")[1 : keep + 1] if keep else []
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ from torch import nn
 
 from rlhfkit.config import REQUIRED, option, save_config
 from rlhfkit.console import print_table, progress_bar
-from rlhfkit.data import PreferenceRecord, Prompt, load_preferences, prompt_text
+from rlhfkit.data import PreferenceRecord, Prompt, load_preferences, prompt_text, write_text_atomic
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import encode_prompts
 from rlhfkit.models import (
@@ -858,7 +858,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
     _save_reward_model(model, tokenizer, out, cfg)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     _write_model_card(out, cfg, metrics)
     if show_summary:
         print_table("reward model", metrics)

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhfkit.config import load_yaml_config, save_config
+from rlhfkit.data import write_text_atomic
 from rlhfkit.errors import RlhfkitError
 
 C = TypeVar("C")
@@ -111,7 +112,7 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     path = run_dir / "metrics.jsonl"
     if path.exists():
         rows = [row for row in read_metrics(path) if row.get("step", 0) <= step]
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 class MetricsLog:
@@ -280,4 +281,4 @@ def write_model_card(
     lines += ["", f"| {table_title} | value |", "|---|---|"]
     lines += [f"| {k} | {fmt_value(v)} |" for k, v in table.items()]
     lines += ["", footer, ""]
-    (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
+    write_text_atomic(out / "README.md", "\n".join(lines))

@@ -13,6 +13,7 @@ samples, and a green/red verdict against :data:`VERDICT_BOUNDS`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import statistics
@@ -27,10 +28,20 @@ from rich.console import Console
 from rich.table import Table
 
 from rlhfkit.console import progress_bar
-from rlhfkit.data import Prompt, prompt_text, write_jsonl
+from rlhfkit.data import Prompt, prompt_text, write_jsonl, write_text_atomic
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.evaluation.fluency import SCORER, Nll, completion_nll, corpus_ppl
-from rlhfkit.generation import SamplingParams, encode_prompts, left_pad, sample_batch
+from rlhfkit.generation import (
+    SamplingParams,
+    append_synced,
+    encode_prompts,
+    left_pad,
+    open_journal,
+    read_journal,
+    restore_rng_text,
+    rng_text,
+    sample_batch,
+)
 from rlhfkit.judges import distinct_n, is_deflection, load_judge, toxicity
 from rlhfkit.models import final_hidden, load_causal_lm, load_tokenizer
 from rlhfkit.reward import load_reward_model, score_texts
@@ -132,27 +143,78 @@ def sample(
     seed: int,
     batch_size: int = 16,
     on_batch: Callable[[int], None] | None = None,
+    journal: Path | None = None,
+    identity: dict | None = None,
 ) -> list[Samples]:
-    """One completion per prompt, in batches; returns the batches (ids kept for log-probs)."""
+    """One completion per prompt, in batches; returns the batches (ids kept for log-probs).
+
+    ``journal``: each finished batch (its response tokens and the random state after it) goes to
+    this file as it ends; run again after a kill with the same ``identity``, the journaled batches
+    are read back and sampling goes on from the saved random state, so the result equals a straight
+    run's exactly (see :func:`rlhfkit.generation.read_journal`).
+    """
     torch.manual_seed(seed)
     encoded = encode_prompts(tokenizer, prompts)
     pad = tokenizer.pad_token_id
+    header = {
+        "journal": "rlhfkit eval",
+        "prompts": hashlib.sha256(json.dumps(encoded).encode()).hexdigest(),
+        "sampling": [params.max_new_tokens, params.temperature, params.top_p],
+        "batch_size": batch_size,
+        "seed": seed,
+        **(identity or {}),
+    }
+    done = read_journal(journal, header) if journal is not None else []
     out = []
-    for start in range(0, len(encoded), batch_size):
-        q_ids, q_mask = left_pad(encoded[start : start + batch_size], pad)
-        batch = sample_batch(model, tokenizer, q_ids, q_mask, params)
+    for b, entry in enumerate(done):  # batches a killed run finished: rebuilt from their tokens
+        q_ids, q_mask = left_pad(encoded[b * batch_size : (b + 1) * batch_size], pad)
+        responses = torch.tensor(entry["responses"], dtype=torch.long)
+        lengths = torch.tensor(entry["lengths"])
+        mask = (torch.arange(responses.shape[1])[None, :] < lengths[:, None]).long()
         out.append(
             Samples(
-                batch.texts,
-                torch.cat([q_ids, batch.responses], 1),
-                torch.cat([q_mask, batch.mask], 1),
+                entry["texts"],
+                torch.cat([q_ids, responses], 1),
+                torch.cat([q_mask, mask], 1),
                 q_ids.shape[1],
-                batch.lengths.tolist(),
-                batch.ended.tolist(),
+                entry["lengths"],
+                entry["ended"],
             )
         )
         if on_batch is not None:
-            on_batch(len(batch.texts))
+            on_batch(len(entry["texts"]))
+    if done:
+        restore_rng_text(done[-1]["rng"])
+    log = open_journal(journal, header, len(done)) if journal is not None else None
+    try:
+        for start in range(len(done) * batch_size, len(encoded), batch_size):
+            q_ids, q_mask = left_pad(encoded[start : start + batch_size], pad)
+            batch = sample_batch(model, tokenizer, q_ids, q_mask, params)
+            out.append(
+                Samples(
+                    batch.texts,
+                    torch.cat([q_ids, batch.responses], 1),
+                    torch.cat([q_mask, batch.mask], 1),
+                    q_ids.shape[1],
+                    batch.lengths.tolist(),
+                    batch.ended.tolist(),
+                )
+            )
+            if log is not None:
+                entry = {
+                    "batch": start // batch_size,
+                    "texts": batch.texts,
+                    "responses": batch.responses.tolist(),
+                    "lengths": batch.lengths.tolist(),
+                    "ended": batch.ended.tolist(),
+                    "rng": rng_text(),
+                }
+                append_synced(log, entry)
+            if on_batch is not None:
+                on_batch(len(batch.texts))
+    finally:
+        if log is not None:
+            log.close()
     return out
 
 
@@ -312,6 +374,11 @@ def evaluate(
     single = len(tuned) == 1
     key_of = {name: "tuned" if single else f"tuned_{name}" for name in tuned}
 
+    # Sampling is the long part: with ``out``, each model's batches are journaled as they finish, so
+    # a killed evaluation run again onto the same ``out`` picks up where it stopped.
+    journals = {
+        key: Path(out) / f"{key}.samples.partial" if out is not None else None for key in ("base", *key_of.values())
+    }
     batches: dict[str, list[Samples]] = {}
     progress = progress_bar("eval: sampling")
     with progress:
@@ -321,11 +388,16 @@ def evaluate(
             progress.advance(task, n)
 
         with base_view():
-            batches["base"] = sample(base_model, tokenizer, prompts, params, seed, batch_size, advance)
+            batches["base"] = sample(
+                base_model, tokenizer, prompts, params, seed, batch_size, advance, journals["base"], {"model": base}
+            )
         for name, (module, active) in tuned.items():
             progress.update(task, info=name)
+            identity = {"model": base, "adapter": str(runs[name])}
             with active():
-                batches[key_of[name]] = sample(module, tokenizer, prompts, params, seed, batch_size, advance)
+                batches[key_of[name]] = sample(
+                    module, tokenizer, prompts, params, seed, batch_size, advance, journals[key_of[name]], identity
+                )
     texts = {key: [t for b in bs for t in b.texts] for key, bs in batches.items()}
 
     plain = [prompt_text(p) for p in prompts]
@@ -417,8 +489,11 @@ def evaluate(
     if out is not None:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text_atomic(folder / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         write_jsonl(folder / "samples.jsonl", rows)
+        for journal in journals.values():  # finished: the results above hold everything they did
+            if journal is not None:
+                journal.unlink(missing_ok=True)
     metrics["examples"] = _examples(rows, num_examples)
     return metrics
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.data import prompt_text
+from rlhfkit.data import prompt_text, write_text_atomic
 from rlhfkit.evaluation import (
     LOWER_IS_BETTER,
     VERDICT_BOUNDS,
@@ -450,5 +450,5 @@ def write_report(out: str | Path, metrics: dict, rows: list[dict], runs: dict[st
         ]
     page.append("</body></html>")
     path = folder / "report.html"
-    path.write_text("\n".join(page), encoding="utf-8")
+    write_text_atomic(path, "\n".join(page))
     return path

@@ -63,7 +63,7 @@ from torch import nn
 
 from rlhfkit.config import REQUIRED, option
 from rlhfkit.console import progress_bar
-from rlhfkit.data import load_preferences, load_prompts
+from rlhfkit.data import load_preferences, load_prompts, write_text_atomic
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import SamplingParams, encode_prompts, left_pad, sample_batch
 from rlhfkit.models import (
@@ -542,7 +542,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         }
     )
     save_policy(trunk, tokenizer, out, cfg.full)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     _write_card(out, cfg, metrics)
     return metrics
 
