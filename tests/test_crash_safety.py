@@ -1,5 +1,6 @@
-"""Fault injection: a training command SIGKILLed at random points, then continued with `--resume`,
-ends with the metrics of a run that was never killed (tiny-random, a few steps each)."""
+"""Fault injection: a training command (ppo, grpo, rloo, dpo, reward train) SIGKILLed at random
+points, then continued with `--resume`, ends with the metrics of a run that was never killed
+(tiny-random, a few steps each)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,10 @@ COMMANDS = {
     "rloo": f"rloo {ONLINE} --max-steps 8 --missing-eos-penalty off --batch-size 4 --num-generations 2",
     "dpo": "dpo --policy tiny-random --trainable-layers 1 --batch-size 4 --epochs 2 --learning-rate 1e-3"
     " --save-every 2",
+    "reward train": "reward train --model tiny-random --trainable-layers 1 --batch-size 4 --epochs 2"
+    " --learning-rate 1e-3 --save-every 2",
 }
+OFFLINE = ("dpo", "reward train")  # learn from the preference file, not from prompts and a reward
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +60,7 @@ def test_killed_at_random_steps_then_resumed_equals_a_straight_run(
     """SIGKILL `python -m rlhfkit ALGO` once its log holds a random number of steps (2 draws;
     checkpoints every 2 steps), then `--resume`: the metrics equal a straight run's."""
     data = ["--data", str(inputs["prefs"])]
-    if algo != "dpo":
+    if algo not in OFFLINE:
         data = ["--prompts", str(inputs["prompts"]), "--reward", TOKEN_REWARD]
     command = [sys.executable, "-m", "rlhfkit", *COMMANDS[algo].split(), *data]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same float sums as in-process
@@ -77,7 +81,7 @@ def test_killed_at_random_steps_then_resumed_equals_a_straight_run(
             time.sleep(0.001)
         assert proc.wait() == -signal.SIGKILL, "the run ended before the kill"
         killed_after.append(len(log.read_bytes().splitlines()))
-        resume = [sys.executable, "-m", "rlhfkit", algo, "--resume", str(run)]
+        resume = [sys.executable, "-m", "rlhfkit", *algo.split(), "--resume", str(run)]
         subprocess.run(resume, env=env, check=True, capture_output=True)
         assert numbers(run) == numbers(straight), (draw, killed_after)
     assert min(killed_after) >= 1, killed_after

@@ -62,6 +62,7 @@ from rlhfkit.models import (
     upper_hidden,
 )
 from rlhfkit.rundir import (
+    MetricsLog,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -753,7 +754,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
             trainer_state.update(best_loss=best[0], best_epoch=best[1])
         save_checkpoint(out, step, trainable_state(scorer.model), torch_state, trainer_state, cfg.keep_checkpoints)
 
-    log = (out / "metrics.jsonl").open("a", encoding="utf-8")
+    log = MetricsLog(out, "reward")
     if cfg.head_init == "probe" and checkpoint is None:  # LP-FT: the head starts as the best linear probe
         t0 = time.perf_counter()
         model.eval()
@@ -767,7 +768,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
             s = scorer.all(flat(val_idx))
             val_metrics = _pair_metrics(s[0::2], s[1::2], margins[val_idx])
             best = (val_metrics["loss"], 0, _trainable_copy(scorer.model))
-            log.write(json.dumps({"step": 0, "epoch": 0, **{f"val_{k}": v for k, v in val_metrics.items()}}) + "\n")
+            log.write({"step": 0, "epoch": 0, **{f"val_{k}": v for k, v in val_metrics.items()}})
     stopped_early = best is not None and cfg.patience and epochs_run - best[1] >= cfg.patience
     with progress_bar("reward train") as progress:
         task = progress.add_task("train", total=total_steps, completed=step, info="")
@@ -797,8 +798,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
                     "learning_rate": scheduler.get_last_lr()[0],
                     "seconds": seconds,
                 }
-                log.write(json.dumps(row) + "\n")
-                log.flush()
+                log.write(row)
                 progress.update(task, advance=1, info=f"loss {row['loss']:.3f} acc {row['accuracy']:.2f}")
                 if cfg.save_every and step % cfg.save_every == 0 and step % steps_per_epoch:
                     save(epochs_run)  # mid-epoch; the epoch's end saves below
@@ -819,8 +819,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
                 if agreement is not None:
                     row["eval_judge_accuracy"] = agreement
             if len(row) > 2:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
+                log.write(row)
             save(epochs_run)
             if best is not None and cfg.patience and epoch + 1 - best[1] >= cfg.patience:
                 break
