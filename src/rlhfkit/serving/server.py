@@ -14,10 +14,14 @@ Why it is built this way:
   ``generate``: each request keeps its own sampling settings, seed (a ``torch.Generator`` per
   request, so a seeded request reproduces whatever else shares its batch), ``max_tokens`` and stop
   strings, finishes on its own, and streams its tokens as they come.
+- A row leaves the batch, and its KV cache, as soon as it ends or its client goes away, so short
+  answers stop costing compute; a plain request checks its connection while it waits.
+- Bounded: at most ``max_queue`` requests wait (then 503 with Retry-After), a body is at most
+  ``max_body_bytes`` (413 before it is read), a request at most ``max(max_batch_size, MAX_N)`` rows.
 - Errors leave in OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``: unknown
   model 404, invalid JSON or fields 400, never a traceback (those go to the server log only).
 
-Limits: one process and one device (CPU by default); a batch runs until its longest member ends
+Limits: one process and one device (CPU by default); new requests wait for the running batch to end
 (no continuous batching); ``logprobs``, penalties, tools and ``echo`` are refused with a 400.
 """
 
