@@ -18,6 +18,11 @@ import torch
 
 from rlhfkit.data import write_jsonl
 
+# Five commands x (a straight run + 2 kills + 2 resumes) in subprocesses: about 3.5 minutes, so with
+# the slow tests (`make test-slow`, which CI runs); each trainer keeps a one-kill resume test in the
+# fast suite.
+pytestmark = pytest.mark.slow
+
 ASSETS = Path(__file__).parent / "assets"
 TOKEN_REWARD = f"{ASSETS / 'token_reward.py'}:favoured_share"
 ONLINE = "--policy tiny-random --max-new-tokens 6 --trainable-layers 1 --learning-rate 1e-3 --save-every 2"
