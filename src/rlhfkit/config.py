@@ -22,6 +22,7 @@ import yaml
 from rich.console import Console
 from rich.text import Text
 
+from rlhfkit.data import write_text_atomic
 from rlhfkit.errors import RlhfkitError
 
 C = TypeVar("C")
@@ -126,8 +127,6 @@ def load_yaml_config(cls: type, path: Path) -> dict[str, Any]:
 def save_config(cfg: Any, path: Path) -> None:
     """Write the resolved config so a run directory says exactly how it was made (atomically: a kill
     leaves the old file or the new one, never half of one)."""
-    from rlhfkit.data import write_text_atomic
-
     write_text_atomic(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from rlhfkit.console import progress_bar
-from rlhfkit.data import Prompt
+from rlhfkit.data import Prompt, write_text_atomic
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import format_prompt
 
@@ -217,52 +217,36 @@ def generate_completions(
     pad_id = tokenizer.pad_token_id
     tokens = eos_count = 0
     n_batches = math.ceil(len(order) / batch_size)
-    header = {
-        "journal": "rlhfkit generate",
-        "prompts": hashlib.sha256(json.dumps(encoded).encode()).hexdigest(),
-        "num_completions": num_completions,
-        "sampling": [params.max_new_tokens, params.temperature, params.top_p],
-        "batch_size": batch_size,
-        "seed": seed,
-        **(identity or {}),
-    }
-    done = read_journal(Path(journal), header) if journal is not None else []
-    for entry in done:
+    identity = {"num_completions": num_completions, **(identity or {})}
+    log = BatchJournal(journal, "rlhfkit generate", encoded, params, batch_size, seed, identity)
+    for entry in log.done:
         for i, texts in zip(order[entry["batch"] * batch_size :], entry["completions"], strict=False):
             completions[i] = texts
         tokens, eos_count = tokens + entry["tokens"], eos_count + entry["eos"]
     resumed_tokens = tokens
-    if done:
-        restore_rng_text(done[-1]["rng"])
-    finished = min(len(done) * batch_size, len(prompts))
-    log = open_journal(Path(journal), header, len(done)) if journal is not None else None
+    finished = min(len(log.done) * batch_size, len(prompts))
     progress = progress_bar("generate", disable=not show_progress)
-    try:
-        with progress:
-            task = progress.add_task("generate", total=len(prompts), completed=finished, info="")
-            for b in range(len(done), n_batches):
-                idx = order[b * batch_size : (b + 1) * batch_size]
-                rows = [encoded[i] for i in idx for _ in range(num_completions)]
-                ids, mask = left_pad(rows, pad_id)
-                batch = sample_batch(model, tokenizer, ids, mask, params)
-                tokens += int(batch.lengths.sum())
-                eos_count += int(batch.ended.sum())
-                for row, text in enumerate(batch.texts):
-                    completions[idx[row // num_completions]].append(text)
-                if log is not None:
-                    entry = {
-                        "batch": b,
-                        "completions": [completions[i] for i in idx],
-                        "tokens": int(batch.lengths.sum()),
-                        "eos": int(batch.ended.sum()),
-                        "rng": rng_text(),
-                    }
-                    append_synced(log, entry)
-                elapsed = time.perf_counter() - start
-                progress.update(task, advance=len(idx), info=f"{(tokens - resumed_tokens) / elapsed:.0f} tok/s")
-    finally:
-        if log is not None:
-            log.close()
+    with log, progress:
+        task = progress.add_task("generate", total=len(prompts), completed=finished, info="")
+        for b in range(len(log.done), n_batches):
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            rows = [encoded[i] for i in idx for _ in range(num_completions)]
+            ids, mask = left_pad(rows, pad_id)
+            batch = sample_batch(model, tokenizer, ids, mask, params)
+            tokens += int(batch.lengths.sum())
+            eos_count += int(batch.ended.sum())
+            for row, text in enumerate(batch.texts):
+                completions[idx[row // num_completions]].append(text)
+            log.append(
+                {
+                    "batch": b,
+                    "completions": [completions[i] for i in idx],
+                    "tokens": int(batch.lengths.sum()),
+                    "eos": int(batch.ended.sum()),
+                }
+            )
+            elapsed = time.perf_counter() - start
+            progress.update(task, advance=len(idx), info=f"{(tokens - resumed_tokens) / elapsed:.0f} tok/s")
     seconds = time.perf_counter() - start
     return GenerationResult(completions, tokens, eos_count, seconds, finished, resumed_tokens)
 
@@ -271,23 +255,63 @@ def generate_completions(
 # settings, then one JSON line per finished batch, each flushed and fsynced before the next batch.
 
 
-def rng_text() -> str:
-    """torch's CPU random state as text, for a journal line."""
-    return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+class BatchJournal:
+    """Finished batches of a sampling run, on disk as they end, so a killed run continues exactly.
+
+    Opened after the caller has seeded torch: ``done`` holds the batches an earlier run with the
+    same header finished (a torn last line is dropped and redone), and the random state is restored
+    to the one after the last of them. ``append(entry)`` adds a batch with the random state after
+    it. With ``path`` None it keeps nothing (``done`` is empty). The header is the prompts' token
+    ids (hashed), the sampling settings, batch size and seed, plus the caller's ``identity``; a
+    journal with another header is refused, naming what differs.
+    """
+
+    def __init__(
+        self,
+        path: str | Path | None,
+        kind: str,
+        encoded: Sequence[Sequence[int]],
+        params: SamplingParams,
+        batch_size: int,
+        seed: int,
+        identity: dict[str, Any] | None = None,
+    ) -> None:
+        header = {
+            "journal": kind,
+            "prompts": hashlib.sha256(json.dumps(list(encoded)).encode()).hexdigest(),
+            "sampling": [params.max_new_tokens, params.temperature, params.top_p],
+            "batch_size": batch_size,
+            "seed": seed,
+            **(identity or {}),
+        }
+        self.path = Path(path) if path is not None else None
+        self.done = _read_journal(self.path, header) if self.path is not None else []
+        if self.done:
+            rng = self.done[-1]["rng"]
+            torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(rng)), dtype=torch.uint8))
+        self._log = _open_journal(self.path, header, len(self.done)) if self.path is not None else None
+
+    def append(self, entry: dict[str, Any]) -> None:
+        """One finished batch (with the random state after it), on disk before this returns."""
+        if self._log is None:
+            return
+        rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+        self._log.write(json.dumps({**entry, "rng": rng}, ensure_ascii=False) + "\n")
+        self._log.flush()
+        os.fsync(self._log.fileno())
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+
+    def __enter__(self) -> BatchJournal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def restore_rng_text(text: str) -> None:
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8))
-
-
-def append_synced(log: IO[str], entry: dict[str, Any]) -> None:
-    """One journal line, on disk before this returns."""
-    log.write(json.dumps(entry, ensure_ascii=False) + "\n")
-    log.flush()
-    os.fsync(log.fileno())
-
-
-def read_journal(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
+def _read_journal(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
     """The complete batch lines of an earlier run with the same ``header`` (none if no journal)."""
     if not path.exists():
         return []
@@ -315,14 +339,8 @@ def read_journal(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
     return done
 
 
-def open_journal(path: Path, header: dict[str, Any], keep: int) -> IO[str]:
+def _open_journal(path: Path, header: dict[str, Any], keep: int) -> IO[str]:
     """The journal rewritten with its header and first ``keep`` batches (dropping a torn line), open to append."""
     kept = path.read_text(encoding="utf-8").split("\n")[1 : keep + 1] if keep else []
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(json.dumps(header) + "\n" + "".join(line + "\n" for line in kept))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(header) + "\n" + "".join(line + "\n" for line in kept))
     return path.open("a", encoding="utf-8")

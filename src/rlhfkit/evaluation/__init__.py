@@ -13,7 +13,6 @@ samples, and a green/red verdict against :data:`VERDICT_BOUNDS`.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import statistics
@@ -31,17 +30,7 @@ from rlhfkit.console import progress_bar
 from rlhfkit.data import Prompt, prompt_text, write_jsonl, write_text_atomic
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.evaluation.fluency import SCORER, Nll, completion_nll, corpus_ppl
-from rlhfkit.generation import (
-    SamplingParams,
-    append_synced,
-    encode_prompts,
-    left_pad,
-    open_journal,
-    read_journal,
-    restore_rng_text,
-    rng_text,
-    sample_batch,
-)
+from rlhfkit.generation import BatchJournal, SamplingParams, encode_prompts, left_pad, sample_batch
 from rlhfkit.judges import distinct_n, is_deflection, load_judge, toxicity
 from rlhfkit.models import final_hidden, load_causal_lm, load_tokenizer
 from rlhfkit.reward import load_reward_model, score_texts
@@ -151,22 +140,14 @@ def sample(
     ``journal``: each finished batch (its response tokens and the random state after it) goes to
     this file as it ends; run again after a kill with the same ``identity``, the journaled batches
     are read back and sampling goes on from the saved random state, so the result equals a straight
-    run's exactly (see :func:`rlhfkit.generation.read_journal`).
+    run's exactly (see :class:`rlhfkit.generation.BatchJournal`).
     """
     torch.manual_seed(seed)
     encoded = encode_prompts(tokenizer, prompts)
     pad = tokenizer.pad_token_id
-    header = {
-        "journal": "rlhfkit eval",
-        "prompts": hashlib.sha256(json.dumps(encoded).encode()).hexdigest(),
-        "sampling": [params.max_new_tokens, params.temperature, params.top_p],
-        "batch_size": batch_size,
-        "seed": seed,
-        **(identity or {}),
-    }
-    done = read_journal(journal, header) if journal is not None else []
+    log = BatchJournal(journal, "rlhfkit eval", encoded, params, batch_size, seed, identity)
     out = []
-    for b, entry in enumerate(done):  # batches a killed run finished: rebuilt from their tokens
+    for b, entry in enumerate(log.done):  # batches a killed run finished: rebuilt from their tokens
         q_ids, q_mask = left_pad(encoded[b * batch_size : (b + 1) * batch_size], pad)
         responses = torch.tensor(entry["responses"], dtype=torch.long)
         lengths = torch.tensor(entry["lengths"])
@@ -183,11 +164,8 @@ def sample(
         )
         if on_batch is not None:
             on_batch(len(entry["texts"]))
-    if done:
-        restore_rng_text(done[-1]["rng"])
-    log = open_journal(journal, header, len(done)) if journal is not None else None
-    try:
-        for start in range(len(done) * batch_size, len(encoded), batch_size):
+    with log:
+        for start in range(len(log.done) * batch_size, len(encoded), batch_size):
             q_ids, q_mask = left_pad(encoded[start : start + batch_size], pad)
             batch = sample_batch(model, tokenizer, q_ids, q_mask, params)
             out.append(
@@ -200,21 +178,17 @@ def sample(
                     batch.ended.tolist(),
                 )
             )
-            if log is not None:
-                entry = {
+            log.append(
+                {
                     "batch": start // batch_size,
                     "texts": batch.texts,
                     "responses": batch.responses.tolist(),
                     "lengths": batch.lengths.tolist(),
                     "ended": batch.ended.tolist(),
-                    "rng": rng_text(),
                 }
-                append_synced(log, entry)
+            )
             if on_batch is not None:
                 on_batch(len(batch.texts))
-    finally:
-        if log is not None:
-            log.close()
     return out
 
 
