@@ -57,6 +57,7 @@ from rlhfkit.models import (
     load_causal_lm,
     load_tokenizer,
     lower_hidden,
+    model_device,
     right_pad,
     trainable_state,
     upper_hidden,
@@ -354,8 +355,8 @@ def read_reward_dir(path: str | Path) -> RewardModelDir:
     return RewardModelDir(folder, str(cfg.get("model", "")), kind, metrics, head, pooling)
 
 
-def load_reward_model(path: str | Path) -> tuple[RewardModel, object, dict]:
-    """A trained reward model directory as (model, tokenizer, metrics)."""
+def load_reward_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[RewardModel, object, dict]:
+    """A trained reward model directory as (model on ``device``, tokenizer, metrics)."""
     info = read_reward_dir(path)
     if info.kind == "full":
         trunk = load_causal_lm(str(info.folder / "model"))
@@ -368,7 +369,7 @@ def load_reward_model(path: str | Path) -> tuple[RewardModel, object, dict]:
     else:
         trunk = load_causal_lm(info.base)
         tokenizer = load_tokenizer(info.base)
-    model = RewardModel(trunk, info.head, pooling=info.pooling).eval()
+    model = RewardModel(trunk, info.head, pooling=info.pooling).to(device).eval()
     return model, tokenizer, info.metrics
 
 
@@ -411,11 +412,12 @@ def score_sequences(
     (needed by the mean poolings; None = the whole sequence)."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     scores = [0.0] * len(rows)
+    device = model_device(model)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         ids, mask = right_pad([rows[i] for i in idx], pad_id)
-        begin = torch.tensor([starts[i] for i in idx]) if starts is not None else None
-        for i, s in zip(idx, model(ids, mask, begin).tolist(), strict=True):
+        begin = torch.tensor([starts[i] for i in idx], device=device) if starts is not None else None
+        for i, s in zip(idx, model(ids.to(device), mask.to(device), begin).float().tolist(), strict=True):
             scores[i] = s
     return scores
 

@@ -4,7 +4,7 @@ Layout::
 
     config.yaml                    every option of the run (``--resume`` reads it back)
     metrics.jsonl                  one JSON row per step, flushed as written
-    checkpoints/step-NNNNNN/       trainable.safetensors, state.pt (optimizer, scheduler, RNGs),
+    checkpoints/step-NNNNNN/       trainable.safetensors, state.pt (optimizer, scheduler, every rank's RNGs),
                                    trainer_state.json (step, data position, controllers)
     best/                          trainable.safetensors + info.json: the weights a monitor liked best
     tensorboard/                   event files, when tensorboard is installed
@@ -39,8 +39,10 @@ C = TypeVar("C")
 # Starting or resuming
 
 
-def open_run(cfg: C, required: tuple[str, ...], may_change: tuple[str, ...] = ("max_steps",)) -> C:
+def open_run(cfg: C, required: tuple[str, ...], may_change: tuple[str, ...] = ("max_steps",), write: bool = True) -> C:
     """The config a run goes on with: a new run's (its directory created) or, with ``cfg.resume``, the saved one.
+
+    ``write``: save ``config.yaml`` (rank 0 of several processes; the others only read and check).
 
     A resumed run keeps its own settings: only the fields named in ``may_change`` may be given
     again (a value of ``None`` keeps the saved one); anything else differing from its default is an
@@ -71,7 +73,8 @@ def open_run(cfg: C, required: tuple[str, ...], may_change: tuple[str, ...] = ("
             resumed = cls(**saved)
         except (TypeError, ValueError) as exc:
             raise RlhfkitError(f"{run_dir / 'config.yaml'}: {exc}") from exc
-        save_config(resumed, run_dir / "config.yaml")
+        if write:
+            save_config(resumed, run_dir / "config.yaml")
         return resumed
     missing = [f"--{name.replace('_', '-')}" for name in required if not getattr(cfg, name)]
     if missing:
@@ -80,8 +83,9 @@ def open_run(cfg: C, required: tuple[str, ...], may_change: tuple[str, ...] = ("
     log = out / "metrics.jsonl"
     if log.exists() and log.stat().st_size:
         raise RlhfkitError(f"{out}: already holds a run; continue it with --resume {out} or pick another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     return cfg
 
 
@@ -184,13 +188,19 @@ def _fresh_tmp(folder: Path) -> Path:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "numpy_rng": np.random.get_state()}
+    """This process's random state: torch (CPU and every CUDA device), Python and NumPy."""
+    state = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "numpy_rng": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
     np.random.set_state(state["numpy_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
 def save_checkpoint(
@@ -200,13 +210,16 @@ def save_checkpoint(
     torch_state: dict[str, Any],
     trainer_state: dict[str, Any],
     keep: int,
+    rank_rngs: list[dict[str, Any]] | None = None,
 ) -> Path:
     """``checkpoints/step-NNNNNN``: weights, ``torch_state`` (optimizer, scheduler...) plus every RNG, and
-    ``trainer_state`` (JSON); the oldest beyond ``keep`` are removed."""
+    ``trainer_state`` (JSON); the oldest beyond ``keep`` are removed. ``rank_rngs``: each rank's random
+    state, in rank order, when several processes train (rank 0 writes for all of them)."""
     folder = run_dir / "checkpoints" / f"step-{step:06d}"
     tmp = _fresh_tmp(folder)
     save_file(trainable, tmp / "trainable.safetensors")
-    torch.save({**torch_state, **rng_state()}, tmp / "state.pt")
+    rngs = rank_rngs or [rng_state()]
+    torch.save({**torch_state, **rngs[0], "rank_rngs": rngs}, tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
     _replace_dir(tmp, folder)
     for old in list_checkpoints(run_dir)[:-keep]:
@@ -225,15 +238,23 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(folder: Path, expected: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
-    """``(trainable, torch_state, trainer_state)`` of a checkpoint; RNGs restored. ``expected`` (the
-    model's trainable state) catches a checkpoint made with other settings."""
+def load_checkpoint(
+    folder: Path, expected: dict[str, torch.Tensor], rank: int = 0, world: int = 1
+) -> tuple[dict, dict, dict]:
+    """``(trainable, torch_state, trainer_state)`` of a checkpoint; this rank's RNGs restored. ``expected``
+    (the model's trainable state) catches a checkpoint made with other settings, ``world`` one made
+    with another number of processes (its ranks' random streams would not line up)."""
     trainable = load_file(folder / "trainable.safetensors")
     missing = set(expected) - set(trainable)
     if missing:
         raise RlhfkitError(f"{folder}: checkpoint lacks {sorted(missing)[:3]} (made with other settings?)")
     torch_state = torch.load(folder / "state.pt", weights_only=False)
-    restore_rng(torch_state)
+    rngs = torch_state.get("rank_rngs", [torch_state])
+    if len(rngs) != world:
+        raise RlhfkitError(
+            f"{folder}: made by {len(rngs)} process(es); resume it with {len(rngs)} (this run has {world})"
+        )
+    restore_rng(rngs[rank])
     trainer_state = json.loads((folder / "trainer_state.json").read_text())
     return trainable, torch_state, trainer_state
 

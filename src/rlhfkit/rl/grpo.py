@@ -64,7 +64,7 @@ class GRPOTrainer(OnlineTrainer):
     algo = "grpo"
 
     def __init__(self, cfg: GRPOConfig, accelerator: Any = None) -> None:
-        super().__init__(cfg, critic=False, group_size=cfg.num_generations, accelerator=accelerator)
+        super().__init__(cfg, cfg.num_generations, cfg.mini_batch_size, accelerator)
         self.cfg: GRPOConfig = cfg
 
     def train(self) -> dict[str, Any]:
@@ -76,16 +76,21 @@ class GRPOTrainer(OnlineTrainer):
                 started = time.perf_counter()
                 # 1. Rollout: k completions per prompt, scored (EOS rule applied), with the sampling
                 #    policy's and the reference's log-probs of every response token.
-                r, timing = self.rollout(self.stream.take(cfg.batch_size))
+                r, timing = self.rollout(self.take_prompts())
                 t0 = time.perf_counter()
-                mask = r.response_mask
+                g = self.gather(r)  # the whole batch's numbers (this rank's rollout alone with one process)
+                mask = g.response_mask
                 # 2. Group advantages: each completion against the other completions of its prompt.
-                advantages = group_advantages(r.penalized, k, cfg.scale_rewards)
-                flat_groups = zero_variance_share(r.penalized, k)
+                advantages = group_advantages(g.penalized, k, cfg.scale_rewards)
+                flat_groups = zero_variance_share(g.penalized, k)
                 # 3. Every group flat: nothing to learn from this batch.
                 if flat_groups == 1.0:
-                    self.warn_no_signal(r, "group")
+                    self.warn_no_signal(g, "group")
                 # 4. Clipped policy-gradient passes over mini-batches, k3 KL to the reference in the loss.
+                # dapo: every optimizer step divides by the batch's tokens per mini-batch (TRL's
+                # normaliser), not by its own mini-batch's count (that would be bnpo); this rank's share.
+                rows = len(r.response_mask)
+                tokens_per_step = float(r.response_mask.sum()) * min(cfg.mini_batch_size // self.world, rows) / rows
                 loss_fn = partial(
                     grpo_loss,
                     epsilon_low=cfg.epsilon,
@@ -93,28 +98,33 @@ class GRPOTrainer(OnlineTrainer):
                     beta=cfg.beta,
                     loss_type=cfg.loss_type,
                     max_tokens=cfg.max_new_tokens,
-                    # dapo: every optimizer step divides by the batch's tokens per mini-batch (TRL's
-                    # normaliser), not by its own mini-batch's count (that would be bnpo).
-                    tokens_in_batch=float(mask.sum()) * min(cfg.mini_batch_size, len(mask)) / len(mask),
+                    tokens_in_batch=tokens_per_step,
                 )
                 per_row = {
-                    "old_logprobs": r.logprobs,
-                    "ref_logprobs": r.ref_logprobs if cfg.beta else None,
+                    "old_logprobs": g.logprobs,
+                    "ref_logprobs": g.ref_logprobs if cfg.beta else None,
                     "advantages": advantages,
                     "mask": mask,
                 }
                 stats = ("clip_frac", "approx_kl", "kl_ref")
                 update = self.policy_passes(
-                    r, cfg.num_iterations, cfg.mini_batch_size, loss_fn, per_row, stats, flat_groups < 1.0
+                    r,
+                    cfg.num_iterations,
+                    cfg.mini_batch_size,
+                    loss_fn,
+                    per_row,
+                    stats,
+                    flat_groups < 1.0,
+                    tokens_per_step if cfg.loss_type == "dapo" else None,  # else the loss averages over rows
                 )
                 timing["time_train"] = time.perf_counter() - t0
                 # 5. Log, monitor, checkpoint; stop at the budget, a reward threshold, hacking or runaway KL.
-                seq_kl = (kl_per_token(r.logprobs, r.ref_logprobs, "k1") * mask).sum(-1)
+                seq_kl = (kl_per_token(g.logprobs, g.ref_logprobs, "k1") * mask).sum(-1)
                 metrics = {
-                    **self.rollout_metrics(r, seq_kl),
+                    **self.rollout_metrics(g, seq_kl),
                     "beta": cfg.beta,
                     **update,
-                    **self.group_metrics(r, advantages, flat_groups),
+                    **self.group_metrics(g, advantages, flat_groups),
                 }
                 if self.end_step(metrics, timing, started):
                     break

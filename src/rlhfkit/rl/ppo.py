@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from rlhfkit.config import option
+from rlhfkit.distributed import gather_rows, mean_over_ranks
 from rlhfkit.rl.losses import (
     KLController,
     explained_variance,
@@ -90,9 +91,10 @@ class PPOTrainer(OnlineTrainer):
     """PPO with a critic: ``train`` is the loop, ``ppo_step`` the update of one rollout batch."""
 
     algo = "ppo"
+    critic = True
 
     def __init__(self, cfg: PPOConfig, accelerator: Any = None) -> None:
-        super().__init__(cfg, critic=True, group_size=1, accelerator=accelerator)
+        super().__init__(cfg, group_size=1, mini_batch_size=cfg.mini_batch_size, accelerator=accelerator)
         self.cfg: PPOConfig = cfg
         self.kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
 
@@ -103,7 +105,7 @@ class PPOTrainer(OnlineTrainer):
                 started = time.perf_counter()
                 # 1. Rollout: one completion per prompt, scored, with the policy's, the reference's and
                 #    the critic's numbers for every response token.
-                rollout, timing = self.rollout(self.stream.take(cfg.batch_size))
+                rollout, timing = self.rollout(self.take_prompts())
                 # 2-5. The update: per-token rewards, GAE, clipped epochs over mini-batches.
                 t0 = time.perf_counter()
                 metrics = self.ppo_step(rollout)
@@ -122,74 +124,83 @@ class PPOTrainer(OnlineTrainer):
             # (its weights are 0: every value is the bias) instead of noise.
             core = self.core
             with torch.no_grad():
-                core.value_head.bias.fill_(float(rollout.penalized.mean()))
+                core.value_head.bias.fill_(float(gather_rows(self.accelerator, rollout.penalized).mean()))
                 rollout.values = core.values(rollout.ids, rollout.mask, rollout.lower, rollout.query_len)
         return rollout, timing
 
     def ppo_step(self, r: Rollout) -> dict[str, float]:
+        """One update from this rank's rollout ``r``; the advantages come from the whole (gathered) batch."""
         cfg = self.cfg
-        rmask = r.response_mask
-        n = r.ids.shape[0]
-        assert r.values is not None
+        g = self.gather(r)
+        rmask = g.response_mask
+        assert g.values is not None and r.values is not None
         # 2. Per-token rewards: -kl_coef * KL on every token, the (EOS-penalised) score on the last.
-        kl = kl_per_token(r.logprobs, r.ref_logprobs, cfg.kl_estimator) * rmask
-        rewards = token_rewards(r.penalized, kl, self.kl_ctl.value, rmask)
+        kl = kl_per_token(g.logprobs, g.ref_logprobs, cfg.kl_estimator) * rmask
+        rewards = token_rewards(g.penalized, kl, self.kl_ctl.value, rmask)
         if cfg.whiten_rewards:
             rewards = whiten(rewards, rmask, shift_mean=False)
         # 3. Advantages (GAE) against the critic's values, whitened over the batch.
-        advantages, returns = gae(rewards, r.values, rmask, cfg.gamma, cfg.lam)
+        advantages, returns = gae(rewards, g.values, rmask, cfg.gamma, cfg.lam)
         advantage_std_raw = float(masked_var(advantages, rmask).sqrt())
         advantages = whiten(advantages, rmask)
         # 4. Does the policy learn this step? Not while the critic warms up, and not from scores that
         #    are all equal: whitened advantages would then follow the critic's noise.
-        no_signal = n > 1 and float(r.penalized.std()) < 1e-6
+        no_signal = len(g.penalized) > 1 and float(g.penalized.std()) < 1e-6
         if no_signal:
-            self.warn_no_signal(r)
+            self.warn_no_signal(g)
         update_policy = self.step >= cfg.critic_warmup_steps and not no_signal
         learning_rate = self.scheduler.get_last_lr()[0]
 
-        # 5. PPO epochs over shuffled mini-batches (the model stays in eval mode: dropout off), ended
-        #    early once the policy moved past target_approx_kl from the one that sampled.
+        # 5. PPO epochs over shuffled mini-batches of this rank's rows (the model stays in eval mode:
+        #    dropout off), ended early once the policy moved past target_approx_kl from the one that sampled.
+        own = self.local({"advantages": advantages, "returns": returns}, r)
+        local_mask = r.response_mask
         stats: dict[str, list[float]] = {
             k: [] for k in ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl")
         }
         updates = 0
-        for mb in self.minibatches(n, cfg.mini_batch_size, cfg.ppo_epochs):
+        for mb in self.minibatches(r.ids.shape[0], cfg.mini_batch_size, cfg.ppo_epochs):
             lower = r.lower[mb] if r.lower is not None else None
+            logprobs, values, _ = self.model(
+                r.ids[mb], r.mask[mb], lower, r.query_len, cfg.temperature, with_policy=update_policy
+            )
             if update_policy:
-                logprobs, values, _ = self.model(r.ids[mb], r.mask[mb], lower, r.query_len, cfg.temperature)
                 pg_loss, clip_frac, approx_kl = policy_loss(
-                    logprobs, r.logprobs[mb], advantages[mb], rmask[mb], cfg.clip_range
+                    logprobs, r.logprobs[mb], own["advantages"][mb], local_mask[mb], cfg.clip_range
                 )
             else:  # value updates only
-                values = self.core.values(r.ids[mb], r.mask[mb], lower, r.query_len)
-                pg_loss = clip_frac = approx_kl = torch.zeros(())
-            vf_loss, vf_clip = value_loss(values, r.values[mb], returns[mb], rmask[mb], cfg.clip_range_value)
-            self.optimizer_step(pg_loss + cfg.vf_coef * vf_loss, update_policy)
+                pg_loss = clip_frac = approx_kl = torch.zeros((), device=self.device)
+            vf_loss, vf_clip = value_loss(
+                values, r.values[mb], own["returns"][mb], local_mask[mb], cfg.clip_range_value
+            )
+            tokens = float(local_mask[mb].sum())  # both losses average over the mini-batch's tokens
+            self.optimizer_step(pg_loss + cfg.vf_coef * vf_loss, update_policy, tokens)
             updates += 1
-            for key, value in (
-                ("policy_loss", pg_loss),
-                ("value_loss", vf_loss),
-                ("clip_frac", clip_frac),
-                ("value_clip_frac", vf_clip),
-                ("approx_kl", approx_kl),
-            ):
-                stats[key].append(float(value.detach()))
-            if update_policy and cfg.target_approx_kl is not None and float(approx_kl) > cfg.target_approx_kl:
+            step_stats = {
+                "policy_loss": float(pg_loss.detach()),
+                "value_loss": float(vf_loss.detach()),
+                "clip_frac": float(clip_frac),
+                "value_clip_frac": float(vf_clip),
+                "approx_kl": float(approx_kl),
+            }
+            step_stats = mean_over_ranks(self.accelerator, step_stats, tokens)
+            for key, value in step_stats.items():
+                stats[key].append(value)
+            if update_policy and cfg.target_approx_kl is not None and step_stats["approx_kl"] > cfg.target_approx_kl:
                 break
         self.advance_schedule()
 
         seq_kl = kl.sum(-1)
         return {
-            **self.rollout_metrics(r, seq_kl),
+            **self.rollout_metrics(g, seq_kl),
             "kl_coef": self.kl_ctl.value,
-            "rlhf_reward": float((r.penalized - self.kl_ctl.value * seq_kl).mean()),
+            "rlhf_reward": float((g.penalized - self.kl_ctl.value * seq_kl).mean()),
             **{k: sum(v) / len(v) for k, v in stats.items()},
             "updates": updates,
             "policy_updated": int(update_policy),
             "advantage_std_raw": advantage_std_raw,
-            "value_mean": float(masked_mean(r.values, rmask)),
-            "explained_variance": explained_variance(r.values, returns, rmask),
+            "value_mean": float(masked_mean(g.values, rmask)),
+            "explained_variance": explained_variance(g.values, returns, rmask),
             "learning_rate": learning_rate,
         }
 

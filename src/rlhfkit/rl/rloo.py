@@ -71,7 +71,7 @@ class RLOOTrainer(OnlineTrainer):
     algo = "rloo"
 
     def __init__(self, cfg: RLOOConfig, accelerator: Any = None) -> None:
-        super().__init__(cfg, critic=False, group_size=cfg.num_generations, accelerator=accelerator)
+        super().__init__(cfg, cfg.num_generations, cfg.mini_batch_size, accelerator)
         self.cfg: RLOOConfig = cfg
         self.kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
 
@@ -84,33 +84,34 @@ class RLOOTrainer(OnlineTrainer):
                 started = time.perf_counter()
                 # 1. Rollout: k completions per prompt, scored (EOS rule applied), with the sampling
                 #    policy's and the reference's log-probs of every response token.
-                r, timing = self.rollout(self.stream.take(cfg.batch_size))
+                r, timing = self.rollout(self.take_prompts())
                 t0 = time.perf_counter()
-                mask = r.response_mask
+                g = self.gather(r)  # the whole batch's numbers (this rank's rollout alone with one process)
+                mask = g.response_mask
                 # 2. Sequence reward: the score minus kl_coef x the response's KL to the reference.
-                seq_kl = (kl_per_token(r.logprobs, r.ref_logprobs, "k1") * mask).sum(-1)
-                rewards = r.penalized - self.kl_ctl.value * seq_kl
+                seq_kl = (kl_per_token(g.logprobs, g.ref_logprobs, "k1") * mask).sum(-1)
+                rewards = g.penalized - self.kl_ctl.value * seq_kl
                 # 3. Leave-one-out advantages: each reward against the mean of its prompt's others.
                 advantages = leave_one_out_advantages(rewards, k)
                 if cfg.normalize_advantages:
                     advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-                flat_groups = zero_variance_share(r.penalized, k)
+                flat_groups = zero_variance_share(g.penalized, k)
                 if flat_groups == 1.0:
-                    self.warn_no_signal(r, "group")
+                    self.warn_no_signal(g, "group")
                 # 4. Clipped sequence-ratio passes over mini-batches.
                 loss_fn = partial(sequence_clip_loss, epsilon_low=cfg.epsilon, epsilon_high=epsilon_high)
-                per_row = {"old_logprobs": r.logprobs, "advantages": advantages, "mask": mask}
+                per_row = {"old_logprobs": g.logprobs, "advantages": advantages, "mask": mask}
                 update = self.policy_passes(
                     r, cfg.num_iterations, cfg.mini_batch_size, loss_fn, per_row, ("clip_frac", "approx_kl"),
                     flat_groups < 1.0,
                 )  # fmt: skip
                 timing["time_train"] = time.perf_counter() - t0
                 metrics = {
-                    **self.rollout_metrics(r, seq_kl),
+                    **self.rollout_metrics(g, seq_kl),
                     "kl_coef": self.kl_ctl.value,
                     "rlhf_reward": float(rewards.mean()),
                     **update,
-                    **self.group_metrics(r, advantages, flat_groups),
+                    **self.group_metrics(g, advantages, flat_groups),
                 }
                 # 5. The KL controller sees this step's KL.
                 self.kl_ctl.update(metrics["kl"])

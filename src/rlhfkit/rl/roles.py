@@ -136,7 +136,8 @@ class Roles(nn.Module):
         assert self.value_head is not None, "this run has no critic"
         with self.adapter(VALUE, self.value_trunk):
             hidden = self.hidden(self.value_trunk, ids, mask, lower, self.value_split)
-        return self.value_head(hidden[:, query_len - 1 : -1]).squeeze(-1)
+        states = hidden[:, query_len - 1 : -1]
+        return self.value_head(states.to(self.value_head.weight.dtype)).squeeze(-1)  # fp32 head on bf16 weights
 
     def forward(
         self,
@@ -147,12 +148,16 @@ class Roles(nn.Module):
         temperature: float,
         with_entropy: bool = False,
         with_values: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Response log-probs, values (with a critic) and entropies (if asked): what a mini-batch needs.
+        with_policy: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Response log-probs (unless ``with_policy`` is off: a critic-only step), values (with a critic)
+        and entropies (if asked): what a mini-batch needs.
 
         Training steps call the module (not its methods), so a data-parallel wrapper sees the forward.
         """
-        logprobs, entropy = self.policy_logprobs(ids, mask, lower, query_len, temperature, with_entropy)
+        logprobs = entropy = None
+        if with_policy:
+            logprobs, entropy = self.policy_logprobs(ids, mask, lower, query_len, temperature, with_entropy)
         values = self.values(ids, mask, lower, query_len) if with_values else None
         return logprobs, values, entropy
 
@@ -168,6 +173,7 @@ def build_roles(
     reward_split: int = 0,
     value_head: nn.Linear | None = None,
     gradient_checkpointing: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Roles, bool]:
     """Load ``policy`` once and wire every role on it; returns ``(roles, value_bias_from_scores)``.
 
@@ -178,7 +184,7 @@ def build_roles(
     """
     from peft import get_peft_model
 
-    base = load_causal_lm(policy)
+    base = load_causal_lm(policy, dtype)
     n_layers = num_layers(base)
     trainable = n_layers if trainable_layers == 0 else min(trainable_layers, n_layers)
     adapter_config = lora_config(base, lora_r, lora_alpha, first_layer=n_layers - trainable)
@@ -186,7 +192,7 @@ def build_roles(
     value_trunk, value_split = None, split
     if full:
         # The frozen reference copy (carrying the critic's adapter): adapters off, it is the reference.
-        reference = load_causal_lm(policy).requires_grad_(False)
+        reference = load_causal_lm(policy, dtype).requires_grad_(False)
         value_trunk = get_peft_model(reference, adapter_config, adapter_name=VALUE) if critic else reference
     else:
         if reward_adapter is not None:
@@ -258,8 +264,8 @@ LOGIT_TOKENS = 64
 def _head_logprobs(
     head: nn.Module, states: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    logits = head(states)
-    logits.div_(temperature)  # in place: a linear layer's backward never reads its output
+    logits = head(states).float()  # log-softmax in fp32 even on bf16 weights (no copy when already fp32)
+    logits.div_(temperature)  # in place: neither a linear layer's nor a cast's backward reads its output
     logp = torch.log_softmax(logits, dim=-1)
     del logits
     chosen = logp.gather(-1, targets).squeeze(-1)

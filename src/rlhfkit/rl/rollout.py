@@ -14,7 +14,7 @@ import torch
 
 from rlhfkit.data import Prompt
 from rlhfkit.generation import SamplingParams, left_pad, sample_batch
-from rlhfkit.models import lower_hidden
+from rlhfkit.models import lower_hidden, model_device
 from rlhfkit.rl.losses import apply_eos_penalty
 from rlhfkit.rl.roles import Roles
 from rlhfkit.rl.scoring import RewardSource
@@ -83,7 +83,8 @@ def collect_rollout(
     t0 = time.perf_counter()
     rows = [q for q in queries for _ in range(group_size)]
     row_prompts = [p for p in prompts for _ in range(group_size)]
-    query_ids, query_mask = left_pad(rows, pad)
+    device = model_device(roles.trunk)
+    query_ids, query_mask = (t.to(device) for t in left_pad(rows, pad))
     roles.trunk.eval()
     batch = sample_batch(
         roles.trunk, tokenizer, query_ids, query_mask, SamplingParams(max_new_tokens, temperature, 1.0)

@@ -9,6 +9,7 @@ the run directory (``rlhfkit.rundir``); an algorithm subclasses it and writes it
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import re
@@ -16,7 +17,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,22 @@ from safetensors.torch import save_file
 from rlhfkit.config import REQUIRED, option
 from rlhfkit.console import progress_bar
 from rlhfkit.data import PromptRecord, load_prompts
+from rlhfkit.distributed import (
+    all_rng_states,
+    check_divisible,
+    from_main,
+    gather_objects,
+    gather_rows,
+    global_loss_scale,
+    local_rows,
+    mean_over_ranks,
+    rank_seed,
+    rank_share,
+)
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import SamplingParams, encode_prompts
 from rlhfkit.judges import distinct_n
-from rlhfkit.models import DEFAULT_MODEL, load_tokenizer, trainable_state
+from rlhfkit.models import DEFAULT_MODEL, DTYPE_HELP, load_tokenizer, resolve_dtype, trainable_state
 from rlhfkit.rl.losses import KLController, masked_mean
 from rlhfkit.rl.monitor import Alert, Monitor, detect
 from rlhfkit.rl.roles import POLICY, VALUE, Roles, build_roles, is_value_param
@@ -46,6 +59,7 @@ from rlhfkit.rundir import (
     open_run,
     read_best,
     read_metrics,
+    rng_state,
     save_best,
     save_checkpoint,
     truncate_metrics,
@@ -96,6 +110,7 @@ class RLConfig:
         "Recompute the trained layers' activations in backward instead of keeping them "
         "(less memory, one more forward of those layers).",
     )
+    dtype: str = option("auto", DTYPE_HELP)
     save_every: int = option(10, "Checkpoint every N steps (the last step is always saved).")
     keep_checkpoints: int = option(2, "Checkpoints kept on disk (oldest removed).")
     seed: int = option(0, "Seed of prompt order, sampling and initialisation.")
@@ -155,18 +170,23 @@ class OnlineTrainer:
     """
 
     algo = "rl"
+    critic = False
 
-    def __init__(self, cfg: RLConfig, critic: bool, group_size: int, accelerator: Any = None) -> None:
-        from accelerate import Accelerator
-
+    def __init__(self, cfg: RLConfig, group_size: int, mini_batch_size: int, accelerator: Any = None) -> None:
         if cfg.max_steps is None:
             cfg.max_steps = DEFAULT_MAX_STEPS
         self.cfg = cfg
-        self.critic = critic
+        critic = self.critic
         self.group_size = group_size
         self.out = Path(cfg.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.accelerator = accelerator or Accelerator()
+        self.accelerator = accelerator or make_accelerator(critic)
+        self.main = self.accelerator.is_main_process
+        self.world = self.accelerator.num_processes
+        self.device = self.accelerator.device
+        check_divisible(cfg.batch_size, self.world, "--batch-size")
+        check_divisible(mini_batch_size, self.world, "--mini-batch-size")
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -177,7 +197,7 @@ class OnlineTrainer:
             ids[-cfg.max_prompt_tokens :] for ids in encode_prompts(self.tokenizer, [r.prompt for r in self.records])
         ]
         self.stream = PromptStream(len(self.records), cfg.seed)
-        self.reward = RewardSource(cfg.reward, cfg.policy, cfg.full)
+        self.reward = RewardSource(cfg.reward, cfg.policy, cfg.full, self.device)
         roles, self.value_bias_from_scores = build_roles(
             cfg.policy,
             cfg.full,
@@ -189,6 +209,7 @@ class OnlineTrainer:
             self.reward.adapter_split,
             self.reward.value_head_init(cfg.normalize_reward) if critic else None,
             cfg.gradient_checkpointing,
+            resolve_dtype(cfg.dtype, self.device),
         )
         self.split = roles.split
         named = [(name, p) for name, p in roles.named_parameters() if p.requires_grad]
@@ -199,14 +220,21 @@ class OnlineTrainer:
         groups = [{"params": self.policy_params}] + ([{"params": self.value_params}] if critic else [])
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, eps=1e-5, weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        # prepare() moves the roles to the accelerator's device and, under several processes, wraps
+        # them for data parallelism (gradients all-reduced in backward).
         self.model, self.optimizer = self.accelerator.prepare(roles, self.optimizer)
+        if self.world > 1:  # each rank samples its own completions (after the shared initialisation)
+            seed = rank_seed(cfg.seed, self.accelerator)
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
         self.step = 0
         self.history: list[float] = []
         self.monitor = (
             Monitor(
                 cfg.monitor_judge, cfg.monitor_prompts, cfg.monitor_num_prompts, self.tokenizer, cfg.max_prompt_tokens
             )
-            if cfg.monitor_judge
+            if cfg.monitor_judge and self.main
             else None
         )
         self._warned_no_signal = False
@@ -221,7 +249,11 @@ class OnlineTrainer:
     def core(self) -> Roles:
         return self.accelerator.unwrap_model(self.model)
 
-    # -- rollout -------------------------------------------------------------------------------
+    # -- rollout ---------------------------------------------------------------------------------
+
+    def take_prompts(self) -> list[int]:
+        """This rank's share of the next ``batch_size`` prompts (every rank draws the same global batch)."""
+        return rank_share(self.stream.take(self.cfg.batch_size), self.accelerator.process_index, self.world)
 
     def rollout(self, prompt_idx: Sequence[int]) -> tuple[Rollout, dict[str, float]]:
         """``group_size`` completions for each prompt, scored, with every log-prob (and value) kept."""
@@ -241,9 +273,35 @@ class OnlineTrainer:
             with_values=self.critic,
         )
 
+    def gather(self, r: Rollout) -> Rollout:
+        """The global batch's per-row numbers (every rank's rows, rank 0's first) for the math that needs
+        the whole batch: whitening, group and batch statistics, metrics. ``ids``, ``mask`` and ``lower``
+        stay this rank's: forward passes run on local rows only. One process: ``r`` itself."""
+        if self.world == 1:
+            return r
+        acc = self.accelerator
+        return dataclasses.replace(
+            r,
+            response_mask=gather_rows(acc, r.response_mask),
+            logprobs=gather_rows(acc, r.logprobs),
+            ref_logprobs=gather_rows(acc, r.ref_logprobs),
+            values=gather_rows(acc, r.values) if r.values is not None else None,
+            scores=gather_rows(acc, r.scores),
+            penalized=gather_rows(acc, r.penalized),
+            ended=gather_rows(acc, r.ended),
+            entropy=gather_rows(acc, r.entropy),
+            texts=gather_objects(acc, list(r.texts)),
+            prompts=gather_objects(acc, list(r.prompts)),
+        )
+
+    def local(self, per_row: dict[str, torch.Tensor | None], r: Rollout) -> dict[str, torch.Tensor | None]:
+        """This rank's rows of global per-row tensors, cut to its rollout's response width."""
+        width = r.response_mask.shape[1]
+        return {k: local_rows(self.accelerator, v, width) if v is not None else None for k, v in per_row.items()}
+
     def rollout_metrics(self, r: Rollout, kl_per_sequence: torch.Tensor) -> dict[str, float]:
-        """What every algorithm logs about a rollout batch (same keys everywhere)."""
-        n = r.ids.shape[0]
+        """What every algorithm logs about a rollout batch (same keys everywhere); ``r`` is the gathered batch."""
+        n = r.scores.shape[0]
         return {
             "reward_mean": float(r.scores.mean()),
             "reward_std": float(r.scores.std()) if n > 1 else 0.0,
@@ -258,7 +316,7 @@ class OnlineTrainer:
 
     def warn_no_signal(self, r: Rollout, what: str = "batch") -> None:
         """Say once, clearly, why a step taught nothing and what to change."""
-        if self._warned_no_signal:
+        if self._warned_no_signal or not self.main:
             return
         self._warned_no_signal = True
         cfg = self.cfg
@@ -281,10 +339,12 @@ class OnlineTrainer:
         )
 
     def minibatches(self, n: int, size: int, epochs: int) -> Iterator[torch.Tensor]:
-        """Row indices of each gradient step: ``epochs`` seeded shuffles of ``n`` rows, ``size`` at a time."""
+        """Row indices of each gradient step: ``epochs`` seeded shuffles of this rank's ``n`` rows, its
+        share of ``size`` (a global mini-batch) at a time; every rank takes as many steps."""
+        size = max(1, size // self.world)
         generator = torch.Generator().manual_seed(self.cfg.seed * 100003 + self.step)
         for _ in range(epochs):
-            order = torch.randperm(n, generator=generator)
+            order = torch.randperm(n, generator=generator).to(self.device)
             for start in range(0, n, size):
                 yield order[start : start + size]
 
@@ -297,23 +357,29 @@ class OnlineTrainer:
         per_row: dict[str, torch.Tensor | None],
         stat_keys: tuple[str, ...],
         update: bool = True,
+        denominator: float | None = None,
     ) -> dict[str, float]:
         """A critic-free update: ``epochs`` passes over the rollout in mini-batches of ``size`` rows, one
         gradient step each on ``loss_fn(logprobs, **per_row sliced to the mini-batch)`` -> (loss, stats);
-        then one schedule step. Returns the mean of each stat, ``updates``, ``policy_updated`` and the
-        learning rate used."""
+        then one schedule step. ``r`` is this rank's rollout, ``per_row`` global (gathered) tensors;
+        ``denominator``: what the loss divides by on this rank when it is not the mini-batch's rows,
+        so that ranks combine into the global mini-batch's loss. Returns the mean of each stat, ``updates``,
+        ``policy_updated`` and the learning rate used."""
         learning_rate = self.scheduler.get_last_lr()[0]
+        per_row = self.local(per_row, r)
         stats: dict[str, list[float]] = {key: [] for key in ("loss", *stat_keys)}
         for rows in self.minibatches(r.ids.shape[0], size, epochs) if update else []:
             lower = r.lower[rows] if r.lower is not None else None
             logprobs, _, _ = self.model(
                 r.ids[rows], r.mask[rows], lower, r.query_len, self.cfg.temperature, with_values=False
             )
-            loss, mb_stats = loss_fn(logprobs, **{k: v[rows] if v is not None else None for k, v in per_row.items()})
-            self.optimizer_step(loss)
-            stats["loss"].append(float(loss.detach()))
-            for key in stat_keys:
-                stats[key].append(float(mb_stats[key]))
+            batch = {k: v[rows] if v is not None else None for k, v in per_row.items()}
+            loss, mb_stats = loss_fn(logprobs, **batch)
+            mb_weight = denominator if denominator is not None else float(len(rows))
+            self.optimizer_step(loss, weight=mb_weight)
+            step_stats = {"loss": float(loss.detach()), **{key: float(mb_stats[key]) for key in stat_keys}}
+            for key, value in mean_over_ranks(self.accelerator, step_stats, mb_weight).items():
+                stats[key].append(value)
         self.advance_schedule()
         return {
             **{key: (sum(v) / len(v) if v else 0.0) for key, v in stats.items()},
@@ -337,15 +403,17 @@ class OnlineTrainer:
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
 
-    def optimizer_step(self, loss: torch.Tensor, update_policy: bool = True) -> None:
+    def optimizer_step(self, loss: torch.Tensor, update_policy: bool = True, weight: float = 1.0) -> None:
         """Backward, clip policy and critic apart (a large critic gradient must not shrink the policy's
-        step), update."""
-        if not torch.isfinite(loss):
+        step), update. ``weight``: what ``loss`` averages over on this rank (tokens or rows); under
+        several processes it makes the all-reduced gradient that of the global mini-batch's loss."""
+        scale, finite = global_loss_scale(self.accelerator, weight, bool(torch.isfinite(loss)))
+        if not finite:
             raise RlhfkitError(
                 f"step {self.step + 1}: the loss turned NaN/inf ({float(loss)}); "
                 "lower --learning-rate or strengthen the KL term, then --resume from the last checkpoint"
             )
-        self.accelerator.backward(loss)
+        self.accelerator.backward(loss * scale if scale != 1.0 else loss)
         if update_policy:
             self.accelerator.clip_grad_norm_(self.policy_params, self.cfg.max_grad_norm)
         if self.value_params:
@@ -367,8 +435,8 @@ class OnlineTrainer:
         self.stop_reason = f"reached max_steps={self.cfg.max_steps}"
         self.hacked = False
         self.last: dict[str, Any] = {}
-        progress = progress_bar(self.algo)
-        with MetricsLog(self.out, self.algo) as self.log, progress:
+        progress = progress_bar(self.algo, disable=not self.main)
+        with MetricsLog(self.out, self.algo) if self.main else nullcontext() as self.log, progress:
             self.progress = progress
             self.task = progress.add_task(self.algo, total=self.cfg.max_steps, completed=self.step, info="")
             yield
@@ -379,24 +447,28 @@ class OnlineTrainer:
         self.step += 1
         row: dict[str, Any] = {"step": self.step, **metrics, **timing}
         row["seconds"] = time.perf_counter() - started
-        if self.monitor is not None and (
-            self.step == 1 or self.step % cfg.monitor_every == 0 or self.step == cfg.max_steps
-        ):
-            t0 = time.perf_counter()
-            params = SamplingParams(cfg.max_new_tokens, cfg.temperature, 1.0)
-            row.update(self.monitor.run(self.core.trunk, params, cfg.batch_size, cfg.seed))
-            row["time_monitor"] = time.perf_counter() - t0
+        if cfg.monitor_judge and (self.step == 1 or self.step % cfg.monitor_every == 0 or self.step == cfg.max_steps):
+            # Rank 0 alone samples the monitor's batch; every rank gets its numbers (stop rules read them).
+            monitored: dict[str, float] = {}
+            if self.monitor is not None:
+                t0 = time.perf_counter()
+                params = SamplingParams(cfg.max_new_tokens, cfg.temperature, 1.0)
+                monitored = self.monitor.run(self.core.trunk, params, cfg.batch_size, cfg.seed)
+                monitored["time_monitor"] = time.perf_counter() - t0
+            row.update(from_main(self.accelerator, monitored))
             row["seconds"] += row["time_monitor"]
             if self.best is None or row["monitor_score"] > self.best["monitor_score"]:
                 self.best = {"step": self.step, "monitor_score": row["monitor_score"]}
-                save_best(self.out, trainable_state(self.core), self.best)
+                if self.main:
+                    save_best(self.out, trainable_state(self.core), self.best)
         self.rows.append(row)
         alerts = self._alerts(self.rows)
         new = [a for a in alerts if a.kind not in self.active]
         self.active = {a.kind for a in alerts}
         if alerts:
             row["alerts"] = sorted(self.active)
-        self.log.write(row)
+        if self.main:
+            self.log.write(row)
         self.history = [*self.history, row["reward_mean"]][-cfg.threshold_window :]
         self.progress.update(
             self.task,
@@ -404,7 +476,7 @@ class OnlineTrainer:
             info=f"reward {row['reward_mean']:+.3f} kl {row['kl']:.3f} {row['seconds']:.1f}s/step",
         )
         self.last = row
-        for alert in new:
+        for alert in new if self.main else []:
             console.print(f"[yellow]reward-hacking alert at step {alert.step}: {alert.message}[/yellow]")
         if new and cfg.stop_on_hacking:
             self.hacked = True
@@ -419,7 +491,8 @@ class OnlineTrainer:
                 f"KL {row['kl']:.2f} passed --max-kl {cfg.max_kl}: the policy drifted too far "
                 "(earlier weights are in checkpoints/)"
             )
-            console.print(f"[yellow]stopping: {self.stop_reason}[/yellow]")
+            if self.main:
+                console.print(f"[yellow]stopping: {self.stop_reason}[/yellow]")
             return True
         if cfg.save_every and self.step % cfg.save_every == 0:
             self.save_checkpoint()
@@ -455,19 +528,27 @@ class OnlineTrainer:
         if self.kl_ctl is not None:
             self.kl_ctl.load_state_dict(state["kl_controller"])
 
-    def save_checkpoint(self) -> Path:
-        return save_checkpoint(
-            self.out,
-            self.step,
-            trainable_state(self.core),
-            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-            {"prompt_stream": self.stream.state_dict(), "reward_history": self.history, **self.extra_state()},
-            self.cfg.keep_checkpoints,
-        )
+    def save_checkpoint(self) -> None:
+        """Rank 0 writes the weights and optimizer (the same on every rank) and every rank's random state."""
+        rngs = all_rng_states(self.accelerator, rng_state())
+        if self.main:
+            save_checkpoint(
+                self.out,
+                self.step,
+                trainable_state(self.core),
+                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                {"prompt_stream": self.stream.state_dict(), "reward_history": self.history, **self.extra_state()},
+                self.cfg.keep_checkpoints,
+                rngs,
+            )
+        self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self, folder: Path) -> None:
-        trainable, torch_state, state = load_checkpoint(folder, trainable_state(self.core))
-        self.core.load_state_dict(trainable, strict=False)
+        acc = self.accelerator
+        trainable, torch_state, state = load_checkpoint(
+            folder, trainable_state(self.core), acc.process_index, acc.num_processes
+        )
+        self.core.load_state_dict({k: v.to(self.device) for k, v in trainable.items()}, strict=False)
         self.optimizer.load_state_dict(torch_state["optimizer"])
         self.scheduler.load_state_dict(torch_state["scheduler"])
         self.step = state["step"]
@@ -480,12 +561,14 @@ class OnlineTrainer:
         if not self.cfg.resume:
             return
         checkpoint = latest_checkpoint(self.out)
-        if checkpoint is None:
-            truncate_metrics(self.out, 0)
-            return
-        self.load_checkpoint(checkpoint)
-        truncate_metrics(self.out, self.step)
-        console.print(f"resuming {self.out} from step {self.step} ({checkpoint.name})")
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint)
+        self.accelerator.wait_for_everyone()  # every rank has read the run before rank 0 rewrites its log
+        if self.main:
+            truncate_metrics(self.out, self.step)
+            if checkpoint is not None:
+                console.print(f"resuming {self.out} from step {self.step} ({checkpoint.name})")
+        self.accelerator.wait_for_everyone()
 
     # -- the end ----------------------------------------------------------------------------------
 
@@ -509,7 +592,9 @@ class OnlineTrainer:
             # The checkpoint above holds the last step (to resume from); the final adapter is the best one.
             self.core.load_state_dict(load_best(self.out), strict=False)
             summary["final_weights"] = f"step {self.best['step']} (best monitor score {self.best['monitor_score']:.4f})"
-        self.save_final(summary)
+        if self.main:
+            self.save_final(summary)
+        self.accelerator.wait_for_everyone()
         return summary
 
     def save_final(self, summary: dict[str, Any]) -> None:
@@ -558,11 +643,24 @@ class OnlineTrainer:
         return f"KL coef {self.kl_ctl.floor}" + (f" (adaptive, target {target})" if target else "")
 
 
+def make_accelerator(critic: bool = False) -> Any:
+    """The accelerator of a training run: one process, or N under ``torchrun`` / ``accelerate launch``.
+
+    A critic's warm-up steps train the critic alone, so DDP must allow parameters without a gradient.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=critic)])
+
+
 def run_online(trainer_class: type[OnlineTrainer], cfg: RLConfig) -> dict[str, Any]:
     """Start a run, or continue one with ``cfg.resume``; returns the summary of the last step."""
     if not cfg.resume and cfg.max_steps is None:
         cfg.max_steps = DEFAULT_MAX_STEPS
-    cfg = open_run(cfg, required=("reward", "prompts", "out"))
-    trainer = trainer_class(cfg)  # type: ignore[call-arg]
+    accelerator = make_accelerator(trainer_class.critic)
+    cfg = open_run(cfg, required=("reward", "prompts", "out"), write=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    trainer = trainer_class(cfg, accelerator=accelerator)  # type: ignore[call-arg]
     trainer.resume_if_asked()
     return trainer.train()  # type: ignore[attr-defined]

@@ -20,8 +20,9 @@ from rlhfkit.rl.roles import REWARD, Roles
 class RewardSource:
     """Scores a rollout batch: a judge on texts, a separate reward model, or the shared ``reward`` adapter."""
 
-    def __init__(self, spec: str, policy_name: str, full: bool) -> None:
+    def __init__(self, spec: str, policy_name: str, full: bool, device: torch.device | str = "cpu") -> None:
         self.spec = spec
+        self.device = torch.device(device)
         self.judge: Judge | None = None
         self.info: RewardModelDir | None = None
         self.model: RewardModel | None = None  # a reward model on its own backbone
@@ -45,9 +46,9 @@ class RewardSource:
                 self.adapter_split = min(layers) if layers else 0
             else:  # a linear probe on the frozen base: read with every adapter disabled
                 self.adapter_split = 10**9
-            self.info.head.requires_grad_(False)
+            self.info.head.requires_grad_(False).to(self.device)
         else:
-            self.model, self.tokenizer, _ = load_reward_model(spec)
+            self.model, self.tokenizer, _ = load_reward_model(spec, self.device)
             self.model.requires_grad_(False)
 
     def shares_base(self, policy_name: str, full: bool) -> bool:
@@ -78,14 +79,16 @@ class RewardSource:
         """Raw scores; ``ids``/``mask``/``lower`` cover ``query`` (left-padded to ``query_len``)
         ``+ response + EOS``, pooled as the reward model was trained (last token, or the response)."""
         if self.judge is not None:
-            return torch.tensor(self.judge([prompt_text(p) for p in prompts], list(texts)), dtype=torch.float32)
+            scores = self.judge([prompt_text(p) for p in prompts], list(texts))
+            return torch.tensor(scores, dtype=torch.float32, device=ids.device)
         if self.model is not None:  # its own backbone and tokenizer: score the texts
-            return torch.tensor(score_texts(self.model, self.tokenizer, prompts, texts), dtype=torch.float32)
+            scores = score_texts(self.model, self.tokenizer, prompts, texts)
+            return torch.tensor(scores, dtype=torch.float32, device=ids.device)
         assert self.info is not None
         with roles.adapter(REWARD if self.adapter_dir is not None else None):
             hidden = roles.hidden(roles.trunk, ids, mask, lower, self.adapter_split)
-        completion_start = torch.full((ids.shape[0],), query_len, dtype=torch.long)
-        return reward_scores(self.info.head, hidden, mask, completion_start, self.info.pooling)
+        completion_start = torch.full((ids.shape[0],), query_len, dtype=torch.long, device=ids.device)
+        return reward_scores(self.info.head, hidden.float(), mask, completion_start, self.info.pooling)
 
     def normalise(self, scores: torch.Tensor, enabled: bool) -> torch.Tensor:
         if self.info is None or not enabled:
