@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -24,7 +26,10 @@ def progress_bar(label: str, disable: bool = False) -> Progress:
 
 
 def print_table(title: str, rows: dict[str, object], console: Console | None = None) -> None:
-    """Two columns, name and value; floats to four significant digits, text shown verbatim."""
+    """Two columns, name and value; floats to four significant digits, text shown verbatim. Under
+    several processes (``torchrun``, ``accelerate launch``) rank 0 alone prints."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     table = Table(title=title)
     table.add_column("")
     table.add_column("", justify="right")

@@ -13,6 +13,7 @@ Helpers take the ``accelerate.Accelerator`` (or its ``PartialState``): its ``num
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -21,6 +22,29 @@ import torch
 from rlhfkit.errors import RlhfkitError
 
 T = TypeVar("T")
+
+
+def make_accelerator(find_unused_parameters: bool = False) -> Any:
+    """The accelerator of a training run: one process, or N started by ``torchrun`` or ``accelerate launch``.
+
+    Without a GPU, accelerate joins the launcher's processes (gloo) only when told to use the CPU;
+    otherwise each would silently train alone on the whole batch. ``find_unused_parameters``: some
+    steps leave trainable weights without a gradient (a critic's warm-up trains the critic alone).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RlhfkitError(
+            f"the launcher started {launched} processes but accelerate joined {accelerator.num_processes}; "
+            "see README 'More than one process or GPU'"
+        )
+    return accelerator
 
 
 def rank_share(items: Sequence[T], rank: int, world: int, what: str = "--batch-size") -> list[T]:

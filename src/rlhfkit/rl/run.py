@@ -38,6 +38,7 @@ from rlhfkit.distributed import (
     gather_rows,
     global_loss_scale,
     local_rows,
+    make_accelerator,
     mean_over_ranks,
     rank_seed,
     rank_share,
@@ -582,7 +583,7 @@ class OnlineTrainer:
             "stop": self.stop_reason,
             **{k: self.last[k] for k in keys if k in self.last},
         }
-        if self.monitor is not None:
+        if self.cfg.monitor_judge:
             summary["monitor_score"] = next(
                 (r["monitor_score"] for r in reversed(self.rows) if "monitor_score" in r), None
             )
@@ -641,17 +642,6 @@ class OnlineTrainer:
             return ""
         target = self.kl_ctl.target
         return f"KL coef {self.kl_ctl.floor}" + (f" (adaptive, target {target})" if target else "")
-
-
-def make_accelerator(critic: bool = False) -> Any:
-    """The accelerator of a training run: one process, or N under ``torchrun`` / ``accelerate launch``.
-
-    A critic's warm-up steps train the critic alone, so DDP must allow parameters without a gradient.
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    return Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=critic)])
 
 
 def run_online(trainer_class: type[OnlineTrainer], cfg: RLConfig) -> dict[str, Any]:
