@@ -59,7 +59,9 @@ def ppo_flags(prompts: Path, out: Path, steps: int) -> list[str]:
     ]  # fmt: skip
 
 
-def test_one_ppo_update_on_two_processes_equals_one_process(tmp_path: Path, prompts: Path) -> None:
+def one_update(tmp_path: Path, prompts: Path, sharded: bool = False, **overrides: object) -> dict:
+    """One PPO update (two epochs over one global mini-batch) from the same saved rollout batch on 1
+    process and on 2 (``sharded``: FSDP2 on 2); the weights, metrics and parameter shares of each."""
     settings = dict(
         reward=TOKEN_REWARD,
         prompts=str(prompts),
@@ -72,6 +74,7 @@ def test_one_ppo_update_on_two_processes_equals_one_process(tmp_path: Path, prom
         trainable_layers=1,
         learning_rate=1e-3,
         missing_eos_penalty=None,
+        **overrides,
     )
     sampler = PPOTrainer(PPOConfig(**settings))
     rollout, _ = sampler.rollout(sampler.take_prompts())
@@ -83,13 +86,18 @@ def test_one_ppo_update_on_two_processes_equals_one_process(tmp_path: Path, prom
     torch.save({f.name: getattr(rollout, f.name) for f in dataclasses.fields(rollout)}, batch)
     initial = {k: v.detach().clone() for k, v in sampler.core.named_parameters() if v.requires_grad}
 
-    weights = {}
+    weights: dict = {"initial": initial}
     for nproc in (1, 2):
         out = tmp_path / f"weights-{nproc}.safetensors"
-        worker_settings = json.dumps({**settings, "out": str(tmp_path / f"run-{nproc}")})
-        run(torchrun(nproc, str(ASSETS / "ppo_update_worker.py"), worker_settings, str(batch), str(out)))
+        own = {**settings, "out": str(tmp_path / f"run-{nproc}"), "fsdp": sharded and nproc == 2}
+        run(torchrun(nproc, str(ASSETS / "ppo_update_worker.py"), json.dumps(own), str(batch), str(out)))
         weights[nproc] = load_file(out)
         weights[nproc, "metrics"] = json.loads(Path(str(out) + ".json").read_text())
+    return weights
+
+
+def assert_same_update(weights: dict) -> None:
+    initial = weights["initial"]
     assert weights[1].keys() == weights[2].keys() and len(weights[1]) > 0
     moved = max(float((weights[1][k] - initial[k]).abs().max()) for k in weights[1] if k in initial)
     assert moved > 1e-4  # the update did something to compare
@@ -98,6 +106,20 @@ def test_one_ppo_update_on_two_processes_equals_one_process(tmp_path: Path, prom
     one, two = weights[1, "metrics"], weights[2, "metrics"]
     for key in ("policy_loss", "value_loss", "approx_kl", "kl", "reward_mean", "explained_variance", "response_length"):
         assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+
+
+def test_one_ppo_update_on_two_processes_equals_one_process(tmp_path: Path, prompts: Path) -> None:
+    weights = one_update(tmp_path, prompts)
+    assert_same_update(weights)
+    assert weights[2, "metrics"]["parameter_shares"] == [1.0, 1.0]  # data parallel: a whole copy each
+
+
+def test_fsdp2_shards_a_full_fine_tune_and_updates_as_one_process(tmp_path: Path, prompts: Path) -> None:
+    weights = one_update(tmp_path, prompts, sharded=True, full=True)
+    assert_same_update(weights)
+    # Every weight (policy, frozen reference, critic) is split over the 2 ranks: half each.
+    assert weights[2, "metrics"]["parameter_shares"] == [pytest.approx(0.5, abs=0.01)] * 2
+    assert weights[1, "metrics"]["parameter_shares"] == [1.0]
 
 
 def test_two_process_ppo_killed_and_resumed_reproduces_a_straight_two_process_run(
@@ -142,3 +164,48 @@ def test_resuming_with_another_number_of_processes_is_refused(tmp_path: Path, pr
     )  # fmt: skip
     assert done.returncode != 0
     assert "made by 2 process(es); resume it with 2 (this run has 1)" in done.stdout + done.stderr
+
+
+def group_flags(algo: str, prompts: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        "-m", "rlhfkit", algo, "--reward", TOKEN_REWARD, "--prompts", str(prompts), "--out", str(out),
+        "--policy", "tiny-random", "--max-steps", str(steps), "--batch-size", "2", "--num-generations", "4",
+        "--mini-batch-size", "4", "--max-new-tokens", "6", "--learning-rate", "1e-3",
+        "--missing-eos-penalty", "off", "--save-every", "1", *extra,
+    ]  # fmt: skip
+
+
+def test_two_process_rloo_writes_one_log_and_an_adapter(tmp_path: Path, prompts: Path) -> None:
+    out = tmp_path / "rloo"
+    done = run(torchrun(2, *group_flags("rloo", prompts, out, 2)))
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    assert (out / "adapter" / "adapter_config.json").exists() and (out / "README.md").exists()
+    assert done.stdout.count("reached max_steps=2") == 1  # rank 0 alone prints the summary
+
+
+def test_odd_batch_over_two_processes_is_a_clear_error(tmp_path: Path, prompts: Path) -> None:
+    done = subprocess.run(
+        torchrun(2, *group_flags("grpo", prompts, tmp_path / "odd", 1, "--batch-size", "3")),
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "--batch-size 3 does not split over 2 processes" in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_fsdp2_grpo_run_with_monitor_resumes_like_a_straight_run(tmp_path: Path, prompts: Path) -> None:
+    monitor = ("--monitor-judge", TOKEN_REWARD, "--monitor-prompts", str(prompts), "--monitor-every", "1",
+               "--monitor-num-prompts", "4")  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(torchrun(2, *group_flags("grpo", prompts, straight, 3, "--full", "--fsdp", *monitor)))
+    run(torchrun(2, *group_flags("grpo", prompts, resumed, 2, "--full", "--fsdp", *monitor)))
+    run(torchrun(2, "-m", "rlhfkit", "grpo", "--resume", str(resumed), "--max-steps", "3"))
+    a, b = metrics(straight), metrics(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3] and all("monitor_score" in r for r in b)
+    for x, y in zip(a, b, strict=True):
+        for key in x.keys() - TIMINGS:
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["step"], key)
+    final = load_file(straight / "model" / "model.safetensors")
+    last = load_file(straight / "checkpoints" / "step-000003" / "trainable.safetensors")
+    for key, value in last.items():  # the saved model is the whole of the last step's (gathered) weights
+        torch.testing.assert_close(final[key.removeprefix("trunk.")], value)

@@ -14,7 +14,8 @@ Helpers take the ``accelerate.Accelerator`` (or its ``PartialState``): its ``num
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -53,6 +54,20 @@ def rank_share(items: Sequence[T], rank: int, world: int, what: str = "--batch-s
         raise RlhfkitError(f"{what} {len(items)} does not split over {world} processes: use a multiple of {world}")
     size = len(items) // world
     return list(items[rank * size : (rank + 1) * size])
+
+
+def rank_slice(n: int, rank: int, world: int, what: str = "--batch-size") -> slice:
+    """This rank's contiguous near-equal share of ``n`` rows, rank 0's first (the first ``n % world``
+    ranks take one more): for batches that need not split evenly, such as an epoch's last. Every rank
+    needs a row, so that each runs the same forward passes (a clear error if not)."""
+    if n < world:
+        raise RlhfkitError(
+            f"{what}: a batch of {n} does not split over {world} processes (each needs at least one); "
+            f"use at least {world} per batch or fewer processes"
+        )
+    size, extra = divmod(n, world)
+    start = rank * size + min(rank, extra)
+    return slice(start, start + size + (rank < extra))
 
 
 def check_divisible(value: int, world: int, flag: str) -> None:
@@ -149,3 +164,95 @@ def all_rng_states(accelerator: Any, own: dict[str, Any]) -> list[dict[str, Any]
 
     states = gather_object([own])
     return states if accelerator.is_main_process else None
+
+
+# ----------------------------------------------------------------------------------------------
+# FSDP2: full fine-tuning of a model too large for one process
+
+
+def shard(root: torch.nn.Module, trunks: Sequence[torch.nn.Module], accelerator: Any) -> None:
+    """FSDP2 (``fully_shard``) over every rank: each decoder layer of each trunk is one group, and
+    what is left in ``root`` (embeddings, final norm, LM head, value head) the root group. Each rank
+    then keeps 1/N of every weight, gradient and optimizer state; a group's weights are all-gathered
+    just for its forward and backward. Called directly, not through accelerate's FSDP plugin, which
+    does not shard on the CPU."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from rlhfkit.models import decoder_of
+
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    for trunk in {id(t): t for t in trunks}.values():
+        for layer in decoder_of(trunk).layers:
+            fully_shard(layer, mesh=mesh)
+        # transformers' generate then keeps every rank stepping until all are done (synced_gpus):
+        # a rank that stopped early would leave the others waiting in a layer's all-gather.
+        trunk._is_fsdp_managed_module = True
+        if hasattr(trunk, "get_base_model"):  # peft: generate runs on the model inside
+            trunk.get_base_model()._is_fsdp_managed_module = True
+    fully_shard(root, mesh=mesh)
+    # FSDP sets up its groups at the root's first forward; the first pass here is a rollout that runs
+    # the layers without the root's forward, and a layer would then take itself for a root.
+    root._get_fsdp_state()._lazy_init()  # type: ignore[operator]
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+@contextmanager
+def root_gathered(root: torch.nn.Module) -> Iterator[None]:
+    """The root group's weights whole while inside: the rollout calls the roles' methods (sampling,
+    log-probs, values), not their ``forward``, so FSDP's own hooks would not gather them. The layers
+    still gather themselves, so every rank must run as many forward passes (``synced_gpus``)."""
+    if not is_sharded(root):
+        yield
+        return
+    root.unshard()  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        root.reshard()  # type: ignore[operator]
+
+
+def full_state(root: torch.nn.Module, names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The whole tensors of the entries ``names`` of ``root``'s state dict (default all; every rank
+    must call; rank 0 gets them, the others an empty dict). Unsharded: the tensors themselves."""
+    if not is_sharded(root):
+        state = root.state_dict()
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().contiguous() for k, v in state.items() if names is None or k in names}
+
+
+def load_full_state(root: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Whole tensors (every rank read them) into the parameters, sharded or not."""
+    if not is_sharded(root):
+        device = next(root.parameters()).device
+        root.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(root, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state whole (rank 0's copy is complete); every rank must call."""
+    if not is_sharded(root):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(root, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    if not is_sharded(root):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(root, optimizer, state, options=StateDictOptions(full_state_dict=True))

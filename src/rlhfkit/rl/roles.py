@@ -56,6 +56,10 @@ class Roles(nn.Module):
         self.split = split
         self.value_split = split if value_split is None else value_split
         self.gradient_checkpointing = gradient_checkpointing
+        self.remember_trainable()
+
+    def remember_trainable(self) -> None:
+        """The parameters an adapter switch must leave trainable (again after FSDP replaced them)."""
         self._trainable = [p for p in self.parameters() if p.requires_grad]
 
     def hidden(

@@ -34,14 +34,21 @@ from rlhfkit.distributed import (
     all_rng_states,
     check_divisible,
     from_main,
+    full_state,
     gather_objects,
     gather_rows,
     global_loss_scale,
+    is_sharded,
+    load_full_state,
+    load_optimizer_state,
     local_rows,
     make_accelerator,
     mean_over_ranks,
+    optimizer_state,
     rank_seed,
     rank_share,
+    root_gathered,
+    shard,
 )
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import SamplingParams, encode_prompts
@@ -111,6 +118,11 @@ class RLConfig:
         "Recompute the trained layers' activations in backward instead of keeping them "
         "(less memory, one more forward of those layers).",
     )
+    fsdp: bool = option(
+        False,
+        "With --full under several processes: shard weights, gradients and optimizer state over the ranks "
+        "(FSDP2), the frozen reference too, instead of a whole copy on each.",
+    )
     dtype: str = option("auto", DTYPE_HELP)
     save_every: int = option(10, "Checkpoint every N steps (the last step is always saved).")
     keep_checkpoints: int = option(2, "Checkpoints kept on disk (oldest removed).")
@@ -146,6 +158,7 @@ class RLConfig:
             "max_new_tokens must be >= 1": self.max_new_tokens >= 1,
             "max_prompt_tokens must be >= 1": self.max_prompt_tokens >= 1,
             "lora_r must be >= 1 (or use --full)": self.full or self.lora_r >= 1,
+            "--fsdp shards a full fine-tune: it needs --full (LoRA weights are small)": self.full or not self.fsdp,
             "eos_penalty_mode must be replace or subtract": self.eos_penalty_mode in ("replace", "subtract"),
             "learning_rate must be > 0": self.learning_rate > 0,
             "save_every must be >= 0": self.save_every >= 0,
@@ -213,6 +226,9 @@ class OnlineTrainer:
             resolve_dtype(cfg.dtype, self.device),
         )
         self.split = roles.split
+        if cfg.fsdp:  # before the optimizer: sharding replaces the parameters
+            shard(roles.to(self.device), [roles.trunk, roles.value_trunk], self.accelerator)
+            roles.remember_trainable()
         named = [(name, p) for name, p in roles.named_parameters() if p.requires_grad]
         self.value_params = [p for name, p in named if is_value_param(name)]
         value_ids = {id(p) for p in self.value_params}
@@ -222,8 +238,11 @@ class OnlineTrainer:
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, eps=1e-5, weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         # prepare() moves the roles to the accelerator's device and, under several processes, wraps
-        # them for data parallelism (gradients all-reduced in backward).
-        self.model, self.optimizer = self.accelerator.prepare(roles, self.optimizer)
+        # them for data parallelism (gradients all-reduced in backward); sharded roles reduce their own.
+        if cfg.fsdp:
+            self.model = roles
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(roles, self.optimizer)
         if self.world > 1:  # each rank samples its own completions (after the shared initialisation)
             seed = rank_seed(cfg.seed, self.accelerator)
             torch.manual_seed(seed)
@@ -235,7 +254,7 @@ class OnlineTrainer:
             Monitor(
                 cfg.monitor_judge, cfg.monitor_prompts, cfg.monitor_num_prompts, self.tokenizer, cfg.max_prompt_tokens
             )
-            if cfg.monitor_judge and self.main
+            if cfg.monitor_judge and (self.main or cfg.fsdp)  # sharded: every rank takes part in sampling
             else None
         )
         self._warned_no_signal = False
@@ -259,20 +278,21 @@ class OnlineTrainer:
     def rollout(self, prompt_idx: Sequence[int]) -> tuple[Rollout, dict[str, float]]:
         """``group_size`` completions for each prompt, scored, with every log-prob (and value) kept."""
         cfg = self.cfg
-        return collect_rollout(
-            self.core,
-            self.tokenizer,
-            self.reward,
-            [self.queries[i] for i in prompt_idx],
-            [self.records[i].prompt for i in prompt_idx],
-            self.group_size,
-            cfg.max_new_tokens,
-            cfg.temperature,
-            cfg.normalize_reward,
-            cfg.missing_eos_penalty,
-            cfg.eos_penalty_mode,
-            with_values=self.critic,
-        )
+        with root_gathered(self.core):
+            return collect_rollout(
+                self.core,
+                self.tokenizer,
+                self.reward,
+                [self.queries[i] for i in prompt_idx],
+                [self.records[i].prompt for i in prompt_idx],
+                self.group_size,
+                cfg.max_new_tokens,
+                cfg.temperature,
+                cfg.normalize_reward,
+                cfg.missing_eos_penalty,
+                cfg.eos_penalty_mode,
+                with_values=self.critic,
+            )
 
     def gather(self, r: Rollout) -> Rollout:
         """The global batch's per-row numbers (every rank's rows, rank 0's first) for the math that needs
@@ -454,14 +474,16 @@ class OnlineTrainer:
             if self.monitor is not None:
                 t0 = time.perf_counter()
                 params = SamplingParams(cfg.max_new_tokens, cfg.temperature, 1.0)
-                monitored = self.monitor.run(self.core.trunk, params, cfg.batch_size, cfg.seed)
+                with root_gathered(self.core):
+                    monitored = self.monitor.run(self.core.trunk, params, cfg.batch_size, cfg.seed)
                 monitored["time_monitor"] = time.perf_counter() - t0
             row.update(from_main(self.accelerator, monitored))
             row["seconds"] += row["time_monitor"]
             if self.best is None or row["monitor_score"] > self.best["monitor_score"]:
                 self.best = {"step": self.step, "monitor_score": row["monitor_score"]}
+                weights = self.trainable_weights()
                 if self.main:
-                    save_best(self.out, trainable_state(self.core), self.best)
+                    save_best(self.out, weights, self.best)
         self.rows.append(row)
         alerts = self._alerts(self.rows)
         new = [a for a in alerts if a.kind not in self.active]
@@ -529,15 +551,22 @@ class OnlineTrainer:
         if self.kl_ctl is not None:
             self.kl_ctl.load_state_dict(state["kl_controller"])
 
+    def trainable_weights(self) -> dict[str, torch.Tensor]:
+        """The trained weights whole (sharded ones gathered: every rank calls; rank 0 gets them)."""
+        return full_state(self.core, set(trainable_state(self.core)))
+
     def save_checkpoint(self) -> None:
-        """Rank 0 writes the weights and optimizer (the same on every rank) and every rank's random state."""
+        """Rank 0 writes the weights and optimizer (whole: the same on every rank, or gathered from the
+        shards) and every rank's random state."""
         rngs = all_rng_states(self.accelerator, rng_state())
+        weights = self.trainable_weights()
+        optimizer = optimizer_state(self.core, self.optimizer)
         if self.main:
             save_checkpoint(
                 self.out,
                 self.step,
-                trainable_state(self.core),
-                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                weights,
+                {"optimizer": optimizer, "scheduler": self.scheduler.state_dict()},
                 {"prompt_stream": self.stream.state_dict(), "reward_history": self.history, **self.extra_state()},
                 self.cfg.keep_checkpoints,
                 rngs,
@@ -549,8 +578,8 @@ class OnlineTrainer:
         trainable, torch_state, state = load_checkpoint(
             folder, trainable_state(self.core), acc.process_index, acc.num_processes
         )
-        self.core.load_state_dict({k: v.to(self.device) for k, v in trainable.items()}, strict=False)
-        self.optimizer.load_state_dict(torch_state["optimizer"])
+        load_full_state(self.core, trainable)
+        load_optimizer_state(self.core, self.optimizer, torch_state["optimizer"])
         self.scheduler.load_state_dict(torch_state["scheduler"])
         self.step = state["step"]
         self.stream = PromptStream(len(self.records), self.cfg.seed, **state["prompt_stream"])
@@ -591,24 +620,31 @@ class OnlineTrainer:
             summary["alerts"] = ", ".join(sorted(self.active))
         if self.hacked and self.best is not None:
             # The checkpoint above holds the last step (to resume from); the final adapter is the best one.
-            self.core.load_state_dict(load_best(self.out), strict=False)
+            load_full_state(self.core, load_best(self.out))
             summary["final_weights"] = f"step {self.best['step']} (best monitor score {self.best['monitor_score']:.4f})"
-        if self.main:
-            self.save_final(summary)
+        self.save_final(summary)
         self.accelerator.wait_for_everyone()
         return summary
 
     def save_final(self, summary: dict[str, Any]) -> None:
+        """The final weights and the model card (rank 0; sharded weights are gathered first, by every rank)."""
         core, cfg = self.core, self.cfg
+        whole = full_state(core) if is_sharded(core) else None
+        if not self.main:
+            return
+
+        def part(prefix: str) -> dict[str, Any]:  # a sub-module's whole tensors, as save_pretrained takes them
+            if whole is None:
+                return {}
+            return {"state_dict": {k.removeprefix(prefix): v for k, v in whole.items() if k.startswith(prefix)}}
+
         if self.critic:
             assert core.value_head is not None
-            save_file(
-                {k: v.contiguous() for k, v in core.value_head.state_dict().items()},
-                self.out / "value_head.safetensors",
-            )
-            core.value_trunk.save_pretrained(self.out / "value", selected_adapters=[VALUE])
+            head = part("value_head.").get("state_dict") or core.value_head.state_dict()
+            save_file({k: v.contiguous() for k, v in head.items()}, self.out / "value_head.safetensors")
+            core.value_trunk.save_pretrained(self.out / "value", selected_adapters=[VALUE], **part("value_trunk."))
         if cfg.full:
-            core.trunk.save_pretrained(self.out / "model")
+            core.trunk.save_pretrained(self.out / "model", **part("trunk."))
             self.tokenizer.save_pretrained(self.out / "model")
         else:
             core.trunk.save_pretrained(self.out / "adapter", selected_adapters=[POLICY])
