@@ -413,6 +413,38 @@ def test_generate_invalid_num_completions(tmp_path: Path) -> None:
     assert "num_completions" in line
 
 
+def test_generate_on_cpu_in_fp32_equals_the_default_here(tmp_path: Path) -> None:
+    """On a machine without a GPU, auto is the CPU in fp32: asking for them gives the same file."""
+    if torch.cuda.is_available():
+        pytest.skip("auto means the GPU here")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    _generate(prompts, tmp_path / "auto.jsonl")
+    result = ok("generate", "--prompts", prompts, "--out", tmp_path / "cpu.jsonl", "--model", "tiny-random",
+                "--num-completions", "2", "--max-new-tokens", "8", "--device", "cpu", "--dtype", "fp32")  # fmt: skip
+    assert "cpu (float32)" in result.stdout
+    assert (tmp_path / "cpu.jsonl").read_bytes() == (tmp_path / "auto.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--device", "cuda:0"], "--device cuda:0: this machine has no CUDA GPU that torch can use"),
+        (["--device", "tpu"], "--device 'tpu': not a device"),
+        (["--dtype", "fp8"], "--dtype 'fp8': expected auto, fp32, bf16, fp16"),
+    ],
+)
+def test_device_and_dtype_errors_are_one_line(command: str, flags: list[str], message: str, tmp_path: Path) -> None:
+    """Checked before anything loads or is written (the prompt file need not even exist)."""
+    if flags[1].startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "out"
+    model = "--model" if command == "generate" else "--base"
+    line = user_error(command, "--prompts", tmp_path / "none.jsonl", "--out", out, model, "tiny-random", *flags)
+    assert message in line
+    assert not out.exists()
+
+
 def test_generate_config_with_unknown_key(tmp_path: Path) -> None:
     config = tmp_path / "generate.yaml"
     config.write_text("prompts: p.jsonl\nout: c.jsonl\nnum_completion: 4\n", encoding="utf-8")

@@ -151,6 +151,16 @@ def test_eval_errors_are_one_line(runs: dict[str, Path], tmp_path: Path) -> None
     assert result.exit_code == 2 and "no such run directory" in result.output
 
 
+def test_eval_runs_on_the_device_asked_for_and_records_it(runs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    invoke("eval", "--base", "tiny-random", "--adapter", str(runs["run_a"]), "--prompts", str(runs["held"]),
+           "--num-samples", "3", "--max-new-tokens", "4", "--out", str(out),
+           "--device", "cpu", "--dtype", "fp32")  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["settings"]["device"], metrics["settings"]["dtype"]) == ("cpu", "float32")
+    assert metrics["tuned"]["kl_from_base"]["n"] == 3
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is installed by `make install`")
 def test_report_renders_in_chromium_without_errors(runs: dict[str, Path], tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,11 @@ from rlhfkit.generation import (
     generate_completions,
     left_pad,
     response_lengths,
+    sample_batch,
     sample_responses,
     truncate_after_eos,
 )
-from rlhfkit.models import load_causal_lm, load_tokenizer
+from rlhfkit.models import load_causal_lm, load_tokenizer, model_device
 
 EOS, PAD = 2, 2
 
@@ -129,6 +131,28 @@ def test_a_journal_from_other_settings_is_refused(tiny, tmp_path: Path) -> None:
     generate_completions(model, tok, PROMPTS, 2, SamplingParams(4), 2, 0, False, journal, {"model": "tiny"})
     with pytest.raises(RlhfkitError, match=r"out.jsonl.partial: .*other settings \(num_completions, seed\)"):
         generate_completions(model, tok, PROMPTS, 3, SamplingParams(4), 2, 1, False, journal, {"model": "tiny"})
+
+
+def test_a_journal_from_another_dtype_is_refused(tiny, tmp_path: Path) -> None:
+    """bf16 weights sample other completions than fp32 ones: resuming across them could not equal a
+    straight run, so the journal names the dtype (and device) and refuses."""
+    model, tok = tiny
+    journal = tmp_path / "out.jsonl.partial"
+    generate_completions(model, tok, PROMPTS[:2], 1, SamplingParams(2), 2, 0, False, journal, {"model": "tiny"})
+    header = json.loads(journal.read_text().splitlines()[0])
+    assert (header["device"], header["dtype"]) == ("cpu", "float32")
+    half = load_causal_lm("tiny-random", torch.bfloat16)
+    with pytest.raises(RlhfkitError, match=r"other settings \(dtype\)"):
+        generate_completions(half, tok, PROMPTS[:2], 1, SamplingParams(2), 2, 0, False, journal, {"model": "tiny"})
+
+
+def test_sample_batch_takes_cpu_queries_and_answers_on_the_models_device(tiny) -> None:
+    model, tok = tiny
+    ids, mask = left_pad(encode_prompts(tok, ["Hi", "Name a colour."]), tok.pad_token_id, device="cpu")
+    batch = sample_batch(model, tok, ids, mask, SamplingParams(4, 0.0))
+    device = model_device(model)
+    assert {t.device for t in (batch.responses, batch.mask, batch.lengths, batch.ended)} == {device}
+    assert batch.mask.sum(-1).tolist() == batch.lengths.tolist() and len(batch.texts) == 2
 
 
 def test_sampling_ignores_the_models_own_generation_defaults(tiny) -> None:

@@ -340,6 +340,70 @@ def test_serve_command_reports_bad_adapters_in_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.output
 
 
+def serve_app() -> typer.Typer:
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    register(app)
+    return app
+
+
+def test_serve_command_loads_base_and_adapters_on_the_device_and_dtype_asked_for(
+    adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--device cpu --dtype bf16`: the base and its adapters land there, /health says so, and a bf16
+    model answers (its logits are sampled in float32)."""
+    from fastapi.testclient import TestClient
+
+    from rlhfkit.serving import server as server_module
+
+    served: list[ServeEngine] = []
+    monkeypatch.setattr(server_module, "run_server", lambda engine, *args, **kwargs: served.append(engine))
+    args = ["serve", "--base", BASE, "--adapter", f"beta={adapters['beta']}", "--port", "0"]
+    result = CliRunner().invoke(serve_app(), [*args, "--device", "cpu", "--dtype", "bf16"])
+    assert result.exit_code == 0, result.output
+    assert "on cpu (bfloat16" in result.output
+    (engine,) = served
+    assert {p.device.type for p in engine.model.parameters()} == {"cpu"}
+    assert engine.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert any("lora_" in name for name, _ in engine.model.named_parameters())
+    with TestClient(create_app(engine)) as client:
+        health = client.get("/health").json()
+        assert (health["device"], health["dtype"]) == ("cpu", "bfloat16")
+        for model in (BASE, "beta"):
+            body = {"model": model, "prompt": "Say hello.", "max_tokens": 3, "temperature": 0}
+            answer = client.post("/v1/completions", json=body)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["usage"]["completion_tokens"] >= 1
+        seeded = {"model": "beta", "prompt": "Say hello.", "max_tokens": 3, "seed": 7, "n": 2}
+        first, again = (client.post("/v1/completions", json=seeded).json() for _ in range(2))
+        assert [c["text"] for c in first["choices"]] == [c["text"] for c in again["choices"]]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--device", "cuda"], "--device cuda: this machine has no CUDA GPU"),
+        (["--device", "gpu0"], "--device 'gpu0': not a device"),
+        (["--dtype", "bogus"], "--dtype 'bogus': expected auto, fp32, bf16, fp16"),
+    ],
+)
+def test_serve_command_refuses_a_missing_gpu_or_unknown_dtype_in_one_line(
+    flags: list[str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if flags[1] == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from rlhfkit.serving import server as server_module
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded before the device and dtype were checked")
+
+    monkeypatch.setattr(server_module, "load_causal_lm", no_model)
+    result = CliRunner().invoke(serve_app(), ["serve", "--base", BASE, "--port", "0", *flags])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+
+
 def test_graceful_shutdown_finishes_requests_in_flight() -> None:
     engine = ServeEngine(BASE, max_batch_size=4, default_max_tokens=64)
     uv, thread, url = start_server(engine)

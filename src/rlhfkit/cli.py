@@ -16,7 +16,7 @@ from rich.console import Console
 from rlhfkit.config import REQUIRED, config_command, exit_on_user_error, option, save_config
 from rlhfkit.console import print_table
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.models import DEFAULT_MODEL
+from rlhfkit.models import DEFAULT_MODEL, DEVICE_HELP, DTYPE_HELP
 
 app = typer.Typer(
     help="rlhfkit: from prompts and preference labels to an aligned model (RLHF), offline.",
@@ -78,6 +78,8 @@ class GenerateConfig:
     seed: int = option(0, "Random seed.")
     batch_size: int = option(16, "Prompts per generation batch (each gives num_completions rows).")
     limit: int = option(0, "Use only the first N prompts (0 = all).")
+    device: str = option("auto", DEVICE_HELP)
+    dtype: str = option("auto", DTYPE_HELP)
 
     def __post_init__(self) -> None:
         if self.num_completions < 1 or self.batch_size < 1 or self.limit < 0:
@@ -87,13 +89,15 @@ class GenerateConfig:
 def run_generate(cfg: GenerateConfig) -> dict:
     from rlhfkit.data import CandidateRecord, candidate_row, load_prompts, write_jsonl
     from rlhfkit.generation import SamplingParams, generate_completions
-    from rlhfkit.models import load_causal_lm, load_tokenizer
+    from rlhfkit.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
 
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
     records = load_prompts(cfg.prompts)
     if cfg.limit:
         records = records[: cfg.limit]
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
-    tokenizer, model = load_tokenizer(cfg.model), load_causal_lm(cfg.model)
+    tokenizer, model = load_tokenizer(cfg.model), load_causal_lm(cfg.model, dtype, device)
     # Finished batches go to OUT.partial as they come: after a kill, the same command continues there.
     journal = Path(cfg.out).with_name(Path(cfg.out).name + ".partial")
     result = generate_completions(
@@ -120,6 +124,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
         "tokens/s": (result.tokens - result.resumed_tokens) / max(result.seconds, 1e-9),
         "eos rate": result.eos_count / max(1, len(records) * cfg.num_completions),
         "seconds": result.seconds,
+        "device": f"{device} ({str(dtype).removeprefix('torch.')})",
         **({"resumed prompts": result.resumed_prompts} if result.resumed_prompts else {}),
         "written to": cfg.out,
     }
@@ -369,6 +374,8 @@ class EvalConfig:
     temperature: float = option(0.7, "Sampling temperature, the same for every model (0 = greedy, no KL).")
     batch_size: int = option(16, "Prompts per generation batch.")
     seed: int = option(0, "Sampling seed, the same for every model (common random numbers).")
+    device: str = option("auto", DEVICE_HELP)
+    dtype: str = option("auto", DTYPE_HELP)
 
     def __post_init__(self) -> None:
         if self.num_samples < 0 or self.batch_size < 1 or self.max_new_tokens < 1 or self.temperature < 0:
@@ -380,7 +387,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     from rlhfkit.evaluation import adapter_names, evaluate, print_comparison
     from rlhfkit.evaluation.report import write_report
     from rlhfkit.generation import SamplingParams
+    from rlhfkit.models import resolve_device, resolve_dtype
 
+    device = resolve_device(cfg.device)  # a missing GPU or a bad dtype fails before anything is written
+    dtype = resolve_dtype(cfg.dtype, device)
     records = load_prompts(cfg.prompts)
     if cfg.num_samples:
         records = records[: cfg.num_samples]
@@ -400,6 +410,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         seed=cfg.seed,
         out=out,
         batch_size=cfg.batch_size,
+        device=device,
+        dtype=dtype,
     )
     metrics.pop("examples", None)
     rows = [row for _, row in read_rows(out / "samples.jsonl")]

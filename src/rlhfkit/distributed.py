@@ -135,7 +135,8 @@ def global_loss_scale(accelerator: Any, weight: float, finite: bool = True) -> t
     world = accelerator.num_processes
     if world == 1:
         return 1.0, finite
-    summed = sum_over_ranks(accelerator, torch.tensor([weight, float(not finite)], dtype=torch.float64)).cpu()
+    flags = torch.tensor([weight, float(not finite)], dtype=torch.float64, device=accelerator.device)
+    summed = sum_over_ranks(accelerator, flags).cpu()
     total, bad = float(summed[0]), float(summed[1])
     return (world * weight / total if total > 0 else 0.0), bad == 0
 
@@ -145,7 +146,7 @@ def mean_over_ranks(accelerator: Any, stats: dict[str, float], weight: float) ->
     if accelerator.num_processes == 1:
         return stats
     keys = list(stats)
-    packed = torch.tensor([stats[k] * weight for k in keys] + [weight], dtype=torch.float64)
+    packed = torch.tensor([stats[k] * weight for k in keys] + [weight], dtype=torch.float64, device=accelerator.device)
     summed = sum_over_ranks(accelerator, packed).cpu()
     total = float(summed[-1])
     return {k: (float(summed[i]) / total if total > 0 else 0.0) for i, k in enumerate(keys)}

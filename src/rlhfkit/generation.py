@@ -3,6 +3,9 @@
 Prompts are left-padded so every row's next token sits in the last column and one KV-cached
 ``generate`` call serves the whole batch. Sampling is plain temperature / top-p (top-k off), the
 same distribution PPO later scores, so rollout and training log-probabilities agree.
+
+Device: every tensor made here is made on the model's device (``models.model_device``), and queries
+built on the CPU are moved there, so the same code samples on a GPU or the CPU.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import nn
 from rlhfkit.console import progress_bar
 from rlhfkit.data import Prompt, write_text_atomic
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.models import format_prompt
+from rlhfkit.models import format_prompt, model_device
 
 
 @dataclass
@@ -52,16 +55,15 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and their attention mask."""
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and their attention mask on ``device``, built as lists so each tensor is
+    one host-to-device copy (not one per row)."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row) :] = 1
-    return ids, mask
+    ids = [[pad_id] * (width - len(r)) + list(r) for r in rows]
+    mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+    return torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(mask, dtype=torch.long, device=device)
 
 
 @torch.no_grad()
@@ -73,7 +75,10 @@ def sample_responses(
     eos_id: int,
     pad_id: int,
 ) -> torch.Tensor:
-    """Response ids (B, T): everything after the first EOS is ``pad_id``; the EOS itself is kept."""
+    """Response ids (B, T) on the model's device: everything after the first EOS is ``pad_id``; the
+    EOS itself is kept. Queries may come from the CPU: they are moved to the model first."""
+    device = model_device(model)
+    query_ids, query_mask = query_ids.to(device), query_mask.to(device)
     config = sampling_config(params, eos_id, pad_id)
     with _without_model_defaults(model):
         out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
@@ -152,7 +157,7 @@ def response_lengths(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor
 class SampledBatch:
     """Responses to a batch of queries, with the bookkeeping every caller needs."""
 
-    responses: torch.Tensor  # (B, T) token ids, padding after the first EOS
+    responses: torch.Tensor  # (B, T) token ids, padding after the first EOS (on the model's device)
     mask: torch.Tensor  # (B, T) 1 on real response tokens, the EOS included
     lengths: torch.Tensor  # tokens per response, EOS included
     ended: torch.Tensor  # whether each response ended with EOS
@@ -166,13 +171,17 @@ def sample_batch(
     query_mask: torch.Tensor,
     params: SamplingParams,
 ) -> SampledBatch:
-    """Sample one response per (left-padded) query, mask it by length (pad may equal EOS) and decode it."""
+    """Sample one response per (left-padded) query, mask it by length (pad may equal EOS) and decode it.
+
+    The queries may be on the CPU; every tensor returned is on the model's device. Texts are decoded
+    from one ``tolist()`` of the batch (one device-to-host copy, not one per token).
+    """
     responses = sample_responses(model, query_ids, query_mask, params, tokenizer.eos_token_id, tokenizer.pad_token_id)
     lengths, ended = response_lengths(responses, tokenizer.eos_token_id)
-    mask = (torch.arange(responses.shape[1])[None, :] < lengths[:, None]).long()
+    mask = (torch.arange(responses.shape[1], device=responses.device)[None, :] < lengths[:, None]).long()
     texts = [
-        tokenizer.decode(r[: int(n) - int(bool(e))], skip_special_tokens=True)
-        for r, n, e in zip(responses, lengths, ended, strict=True)
+        tokenizer.decode(r[: n - int(e)], skip_special_tokens=True)
+        for r, n, e in zip(responses.tolist(), lengths.tolist(), ended.tolist(), strict=True)
     ]
     return SampledBatch(responses, mask, lengths, ended, texts)
 
@@ -218,7 +227,7 @@ def generate_completions(
     tokens = eos_count = 0
     n_batches = math.ceil(len(order) / batch_size)
     identity = {"num_completions": num_completions, **(identity or {})}
-    log = BatchJournal(journal, "rlhfkit generate", encoded, params, batch_size, seed, identity)
+    log = BatchJournal(journal, "rlhfkit generate", encoded, params, batch_size, seed, identity, model)
     for entry in log.done:
         for i, texts in zip(order[entry["batch"] * batch_size :], entry["completions"], strict=False):
             completions[i] = texts
@@ -231,7 +240,7 @@ def generate_completions(
         for b in range(len(log.done), n_batches):
             idx = order[b * batch_size : (b + 1) * batch_size]
             rows = [encoded[i] for i in idx for _ in range(num_completions)]
-            ids, mask = left_pad(rows, pad_id)
+            ids, mask = left_pad(rows, pad_id, device=model_device(model))
             batch = sample_batch(model, tokenizer, ids, mask, params)
             tokens += int(batch.lengths.sum())
             eos_count += int(batch.ended.sum())
@@ -264,6 +273,11 @@ class BatchJournal:
     it. With ``path`` None it keeps nothing (``done`` is empty). The header is the prompts' token
     ids (hashed), the sampling settings, batch size and seed, plus the caller's ``identity``; a
     journal with another header is refused, naming what differs.
+
+    ``model`` (the sampling model) adds its device type and dtype to the header: a GPU draws other
+    random numbers than the CPU, and bf16 gives other logits than fp32, so a run resumed on another
+    device or dtype could not equal a straight run. On a GPU the random state kept is the CUDA
+    generator's too (sampling on the GPU draws from it, not from the CPU's).
     """
 
     def __init__(
@@ -275,6 +289,7 @@ class BatchJournal:
         batch_size: int,
         seed: int,
         identity: dict[str, Any] | None = None,
+        model: nn.Module | None = None,
     ) -> None:
         header = {
             "journal": kind,
@@ -284,19 +299,29 @@ class BatchJournal:
             "seed": seed,
             **(identity or {}),
         }
+        self.cuda: torch.device | None = None
+        if model is not None:
+            device = model_device(model)
+            header["device"] = device.type
+            header["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+            self.cuda = device if device.type == "cuda" else None
         self.path = Path(path) if path is not None else None
         self.done = _read_journal(self.path, header) if self.path is not None else []
         if self.done:
-            rng = self.done[-1]["rng"]
-            torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(rng)), dtype=torch.uint8))
+            last = self.done[-1]
+            torch.set_rng_state(_unpack_rng(last["rng"]))
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(_unpack_rng(last["cuda_rng"]), self.cuda)
         self._log = _open_journal(self.path, header, len(self.done)) if self.path is not None else None
 
     def append(self, entry: dict[str, Any]) -> None:
         """One finished batch (with the random state after it), on disk before this returns."""
         if self._log is None:
             return
-        rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
-        self._log.write(json.dumps({**entry, "rng": rng}, ensure_ascii=False) + "\n")
+        rng = {"rng": _pack_rng(torch.get_rng_state())}
+        if self.cuda is not None:
+            rng["cuda_rng"] = _pack_rng(torch.cuda.get_rng_state(self.cuda))
+        self._log.write(json.dumps({**entry, **rng}, ensure_ascii=False) + "\n")
         self._log.flush()
         os.fsync(self._log.fileno())
 
@@ -309,6 +334,15 @@ class BatchJournal:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _pack_rng(state: torch.Tensor) -> str:
+    """A generator state (a CPU byte tensor, for the CPU's and CUDA's alike) as base64 text."""
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
+def _unpack_rng(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
 def _read_journal(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:

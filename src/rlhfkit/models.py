@@ -212,6 +212,7 @@ def load_tokenizer(name: str):
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICE_HELP = "Where the model runs: auto (a GPU when there is one), cpu, cuda or cuda:N."
 DTYPE_HELP = "Weights' dtype: auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16."
 
 

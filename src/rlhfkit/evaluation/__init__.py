@@ -8,6 +8,10 @@ deflection rate (share of completions that are assistant boilerplate instead of 
 (:mod:`rlhfkit.evaluation.fluency`); per tuned model: win rate over the base (ties count half), the
 paired difference with its interval, the sequence-level KL from the base estimated on the tuned
 samples, and a green/red verdict against :data:`VERDICT_BOUNDS`.
+
+Every model (base, tuned runs, reward model, fluency scorer) runs on one device; sampled ids stay
+there, and only numbers leave it (``tolist``). ``settings`` records the device and dtype, since a GPU
+or bf16 samples other completions than the CPU in fp32 with the same seed.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.evaluation.fluency import SCORER, Nll, completion_nll, corpus_ppl
 from rlhfkit.generation import BatchJournal, SamplingParams, encode_prompts, left_pad, sample_batch
 from rlhfkit.judges import distinct_n, is_deflection, load_judge, toxicity
-from rlhfkit.models import final_hidden, load_causal_lm, load_tokenizer
+from rlhfkit.models import final_hidden, load_causal_lm, load_tokenizer, model_device
 from rlhfkit.reward import load_reward_model, score_texts
 from rlhfkit.rl.roles import response_logprobs
 
@@ -84,9 +88,11 @@ def tuned_models(
     """Each tuned model with the context that activates it; the base module and its context.
 
     LoRA runs (``adapter/``) all load onto ``model`` as named peft adapters, so one copy of the
-    weights serves every run; the base is that wrapper with adapters off. A full fine-tune
-    (``model/``) is a model of its own.
+    weights serves every run; the base is that wrapper with adapters off (peft puts each adapter on
+    its base layer's device). A full fine-tune (``model/``) is a model of its own, loaded on
+    ``model``'s device in its dtype.
     """
+    device, dtype = model_device(model), next(model.parameters()).dtype
     tuned: dict[str, tuple[torch.nn.Module, Callable[[], AbstractContextManager]]] = {}
     wrapper = None
     for name, folder in run_dirs.items():
@@ -99,7 +105,7 @@ def tuned_models(
                 wrapper.load_adapter(folder / "adapter", adapter_name=name)
             tuned[name] = (wrapper, functools.partial(_active_adapter, wrapper, name))
         elif (folder / "model" / "config.json").exists():
-            tuned[name] = (load_causal_lm(str(folder / "model")), nullcontext)
+            tuned[name] = (load_causal_lm(str(folder / "model"), dtype, device), nullcontext)
         else:
             raise RlhfkitError(f"{folder}: no adapter/ or model/ inside; expected a run directory of `rlhf ppo`")
     if wrapper is None:
@@ -145,13 +151,14 @@ def sample(
     torch.manual_seed(seed)
     encoded = encode_prompts(tokenizer, prompts)
     pad = tokenizer.pad_token_id
-    log = BatchJournal(journal, "rlhfkit eval", encoded, params, batch_size, seed, identity)
+    device = model_device(model)
+    log = BatchJournal(journal, "rlhfkit eval", encoded, params, batch_size, seed, identity, model)
     out = []
     for b, entry in enumerate(log.done):  # batches a killed run finished: rebuilt from their tokens
-        q_ids, q_mask = left_pad(encoded[b * batch_size : (b + 1) * batch_size], pad)
-        responses = torch.tensor(entry["responses"], dtype=torch.long)
-        lengths = torch.tensor(entry["lengths"])
-        mask = (torch.arange(responses.shape[1])[None, :] < lengths[:, None]).long()
+        q_ids, q_mask = left_pad(encoded[b * batch_size : (b + 1) * batch_size], pad, device=device)
+        responses = torch.tensor(entry["responses"], dtype=torch.long, device=device)
+        lengths = torch.tensor(entry["lengths"], device=device)
+        mask = (torch.arange(responses.shape[1], device=device)[None, :] < lengths[:, None]).long()
         out.append(
             Samples(
                 entry["texts"],
@@ -166,7 +173,7 @@ def sample(
             on_batch(len(entry["texts"]))
     with log:
         for start in range(len(log.done) * batch_size, len(encoded), batch_size):
-            q_ids, q_mask = left_pad(encoded[start : start + batch_size], pad)
+            q_ids, q_mask = left_pad(encoded[start : start + batch_size], pad, device=device)
             batch = sample_batch(model, tokenizer, q_ids, q_mask, params)
             out.append(
                 Samples(
@@ -209,14 +216,17 @@ def _score_fluency(
     prompts: Sequence[Prompt],
     texts: dict[str, list[str]],
 ) -> tuple[dict[str, list[Nll]], dict]:
-    """NLL of every completion under the scorer (the base model when the scorer does not load)."""
+    """NLL of every completion under the scorer (the base model when the scorer does not load), on
+    the base model's device and in its dtype."""
     if not scorer_name:
         return {}, {}
     started = time.perf_counter()
     model, tokenizer, view, note = base_model, base_tokenizer, base_view, ""
     if scorer_name != base:
+        device, dtype = model_device(base_model), next(base_model.parameters()).dtype
         try:
-            tokenizer, model, view = load_tokenizer(scorer_name), load_causal_lm(scorer_name), nullcontext
+            tokenizer, model = load_tokenizer(scorer_name), load_causal_lm(scorer_name, dtype, device)
+            view = nullcontext
         except Exception as exc:  # any failure to load falls back, and the report says why
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             model, tokenizer, note = base_model, base_tokenizer, f"{scorer_name} did not load ({reason})"
@@ -323,6 +333,8 @@ def evaluate(
     num_examples: int = 5,
     batch_size: int = 16,
     fluency_scorer: str | None = SCORER,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> dict:
     """Compare the base model with each tuned run; writes metrics.json and samples.jsonl to ``out``.
 
@@ -333,6 +345,9 @@ def evaluate(
     ``fluency_scorer`` names the model that scores fluency (default ``gemma3-270m``); when it does
     not load, the base model scores instead, ``fluency_scorer`` says so and
     ``settings.fluency_scorer_note`` says why. ``None`` skips fluency.
+
+    Every model is loaded on ``device`` (``models.resolve_device`` turns ``--device`` into one) in
+    ``dtype`` (the reward model stays fp32: its scores are compared with its training statistics).
     """
     params = params or SamplingParams(max_new_tokens=48, temperature=0.7)
     if not prompts:
@@ -343,7 +358,7 @@ def evaluate(
         adapters = [adapters]
     runs = adapter_names(adapters)
     tokenizer = load_tokenizer(base)
-    model = load_causal_lm(base)
+    model = load_causal_lm(base, dtype, device)
     tuned, base_model, base_view = tuned_models(model, runs)
     single = len(tuned) == 1
     key_of = {name: "tuned" if single else f"tuned_{name}" for name in tuned}
@@ -385,7 +400,7 @@ def evaluate(
             if judge.name == "nontoxic":
                 scores[key]["toxicity"] = toxicity(completions)
     if reward_model is not None:
-        rm, rm_tok, _ = load_reward_model(reward_model)
+        rm, rm_tok, _ = load_reward_model(reward_model, device)
         for key, completions in texts.items():
             scores[key]["reward"] = score_texts(rm, rm_tok, list(prompts), completions)
         del rm
@@ -447,6 +462,8 @@ def evaluate(
         "seed": seed,
         "max_new_tokens": params.max_new_tokens,
         "temperature": params.temperature,
+        "device": str(model_device(model)),
+        "dtype": str(dtype).removeprefix("torch."),
         **scorer,
     }
     rows = []

@@ -29,7 +29,7 @@ from torch import nn
 
 from rlhfkit.data import Prompt
 from rlhfkit.generation import left_pad
-from rlhfkit.models import final_hidden, format_prompt
+from rlhfkit.models import final_hidden, format_prompt, model_device, right_pad
 
 SCORER = "gemma3-270m"
 HEAD_TOKENS = 128
@@ -105,7 +105,8 @@ def completion_nll(
     """Per completion, the summed NLL of its tokens given the formatted prompt (see the module doc).
 
     Rows are laid out prompt left-padded, completion right-padded, so one forward pass per batch
-    scores every completion token; an empty completion gets ``Nll(0.0, 0)``.
+    scores every completion token; an empty completion gets ``Nll(0.0, 0)``. Everything runs on the
+    scorer's device; the sums are taken there in float64 and only the numbers come back.
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
@@ -113,24 +114,20 @@ def completion_nll(
     start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad
     query = [q or [start_id] for q in _encode_queries(tokenizer, prompts, completions)]  # a first token needs context
     answer = [tokenizer(c, add_special_tokens=False)["input_ids"] if c else [] for c in completions]
+    device = model_device(model)
     results: list[Nll] = []
     for start in range(0, len(prompts), batch_size):
         rows = range(start, min(start + batch_size, len(prompts)))
-        q_ids, q_mask = left_pad([query[i] for i in rows], pad)
-        width = max(1, max(len(answer[i]) for i in rows))
-        r_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        r_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, i in enumerate(rows):
-            if answer[i]:
-                r_ids[j, : len(answer[i])] = torch.tensor(answer[i], dtype=torch.long)
-                r_mask[j, : len(answer[i])] = 1
+        q_ids, q_mask = left_pad([query[i] for i in rows], pad, device=device)
+        r_ids, r_mask = (t.to(device) for t in right_pad([answer[i] for i in rows], pad))
         ids, mask = torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1)
         hidden = final_hidden(model, ids, mask)
         q = q_ids.shape[1]
         keep = r_mask.bool()  # (B, width): which completion positions hold real tokens
         states = hidden[:, q - 1 : -1][keep]  # the state before each completion token predicts it
         nll = _head_nll(model, states, r_ids[keep])
-        per_row = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, keep.nonzero()[:, 0], nll.to(torch.float64))
+        per_row = torch.zeros(len(rows), dtype=torch.float64, device=device)
+        per_row.index_add_(0, keep.nonzero()[:, 0], nll.to(torch.float64))
         counts = keep.sum(1).tolist()
         results.extend(Nll(float(total), int(n)) for total, n in zip(per_row.tolist(), counts, strict=True))
         if on_batch is not None:

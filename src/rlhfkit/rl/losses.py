@@ -214,7 +214,7 @@ def group_advantages(rewards: torch.Tensor, k: int, scale: str = "group", eps: f
         std = grouped.std(dim=1).repeat_interleave(k) if k > 1 else torch.zeros_like(rewards)
         return centred / (std + eps)
     if scale == "batch":
-        std = rewards.std() if rewards.numel() > 1 else torch.zeros(())
+        std = rewards.std() if rewards.numel() > 1 else torch.zeros((), device=rewards.device)
         return centred / (std + eps)
     if scale == "none":
         return centred

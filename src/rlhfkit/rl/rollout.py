@@ -46,7 +46,8 @@ class PromptStream:
         self.n, self.seed, self.epoch, self.index = n, seed, epoch, index
 
     def _order(self) -> list[int]:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)  # cpu: prompt order, a list
+        return torch.randperm(self.n, generator=generator).tolist()  # cpu: read as a list at once
 
     def take(self, k: int) -> list[int]:
         out: list[int] = []

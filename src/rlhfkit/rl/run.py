@@ -363,9 +363,10 @@ class OnlineTrainer:
         """Row indices of each gradient step: ``epochs`` seeded shuffles of this rank's ``n`` rows, its
         share of ``size`` (a global mini-batch) at a time; every rank takes as many steps."""
         size = max(1, size // self.world)
-        generator = torch.Generator().manual_seed(self.cfg.seed * 100003 + self.step)
+        seed = self.cfg.seed * 100003 + self.step
+        generator = torch.Generator().manual_seed(seed)  # cpu: the same order on any device
         for _ in range(epochs):
-            order = torch.randperm(n, generator=generator).to(self.device)
+            order = torch.randperm(n, generator=generator).to(self.device)  # cpu: then moved
             for start in range(0, n, size):
                 yield order[start : start + size]
 

@@ -13,7 +13,7 @@ import typer
 
 from rlhfkit.config import REQUIRED, config_command, option
 from rlhfkit.console import print_table
-from rlhfkit.models import DEFAULT_MODEL
+from rlhfkit.models import DEFAULT_MODEL, DEVICE_HELP, DTYPE_HELP
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 
@@ -52,6 +52,8 @@ class ServeConfig:
         128, "Most requests waiting for a batch; past it a request gets 503 with Retry-After (bounded memory)."
     )
     max_body_bytes: int = option(2 * 1024 * 1024, "Largest request body in bytes; a larger one gets 413 unread.")
+    device: str = option("auto", DEVICE_HELP)
+    dtype: str = option("auto", DTYPE_HELP)
 
     def __post_init__(self) -> None:
         parse_adapter_specs(self.adapter)
@@ -78,10 +80,13 @@ def run_serve(cfg: ServeConfig) -> None:
         max_model_len=cfg.max_model_len,
         default_max_tokens=cfg.max_tokens,
         max_queue=cfg.max_queue,
+        device=cfg.device,
+        dtype=cfg.dtype,
     )
+    dtype = str(engine.dtype).removeprefix("torch.")
     Console(stderr=True, soft_wrap=True).print(
-        f"serving {', '.join(engine.model_names)} (context {engine.context_length} tokens) on "
-        f"http://{cfg.host}:{cfg.port}/v1 (OpenAI API); Ctrl-C stops after the requests in flight",
+        f"serving {', '.join(engine.model_names)} on {engine.device} ({dtype}, context {engine.context_length} "
+        f"tokens) at http://{cfg.host}:{cfg.port}/v1 (OpenAI API); Ctrl-C stops after the requests in flight",
         markup=False,
         highlight=False,
     )

@@ -21,7 +21,13 @@ Why it is built this way:
 - Errors leave in OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``: unknown
   model 404, invalid JSON or fields 400, never a traceback (those go to the server log only).
 
-Limits: one process and one device (CPU by default); new requests wait for the running batch to end
+- One device. The model, its adapters and every tensor of the decode loop (ids, masks, positions,
+  sampled tokens, each request's generator) live on ``--device`` (a GPU when there is one); logits
+  are sampled in float32 whatever ``--dtype`` the weights have, and only the sampled token ids come
+  back to the host, once per step. ``/health`` names the device and dtype.
+
+Limits: one process and one device (a GPU when there is one, else the CPU; seeded sampling
+reproduces on the same device, not across devices); new requests wait for the running batch to end
 (no continuous batching); ``logprobs``, penalties, tools and ``echo`` are refused with a 400.
 """
 
@@ -50,7 +56,15 @@ from starlette.requests import Request
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import encode_prompts, left_pad
-from rlhfkit.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, position_ids_from_mask, resolve_model_path
+from rlhfkit.models import (
+    DEFAULT_MODEL,
+    load_causal_lm,
+    load_tokenizer,
+    position_ids_from_mask,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_path,
+)
 from rlhfkit.web import BodyLimit, unreadable_body
 
 logger = logging.getLogger("rlhfkit.serve")
@@ -198,9 +212,14 @@ class ServeEngine:
         max_model_len: int = 0,
         default_max_tokens: int = 256,
         max_queue: int = MAX_QUEUE,
+        device: str = "auto",
+        dtype: str = "auto",
     ) -> None:
         from rlhfkit.serving.export import load_adapter_source
 
+        # A missing GPU or an unknown dtype fails here, before anything slow loads.
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.base = base
         self.base_name = served_model_name or base
         adapters = dict(adapters or {})
@@ -212,7 +231,7 @@ class ServeEngine:
         self.base_path = resolve_model_path(base)
         self.tokenizer = load_tokenizer(base)  # used by request handlers (the event loop thread)
         self._decoder = load_tokenizer(base)  # used by the worker: a fast tokenizer is not shared across threads
-        model = load_causal_lm(base)
+        model = load_causal_lm(base, self.dtype, self.device)
         self.adapter_dirs = {name: source.adapter_dir for name, source in sources.items()}
         if sources:
             from peft import PeftModel
@@ -224,7 +243,7 @@ class ServeEngine:
                     model.load_adapter(sources[name].adapter_dir, adapter_name=name)
             except (RuntimeError, ValueError, KeyError) as exc:
                 raise RlhfkitError(f"adapters do not fit base '{base}': {exc}".splitlines()[0]) from exc
-            model.eval()
+            model.to(self.device).eval()  # peft puts adapters beside their base layers; this makes certain
         self.model = model
         self.context_length = max_model_len or context_length(model, self.tokenizer)
         self.max_batch_size = max_batch_size
@@ -426,10 +445,12 @@ class ServeEngine:
             for k in range(job.n)
         ]
         generators = {
-            job: torch.Generator().manual_seed(job.seed if job.seed is not None else secrets.randbits(63))
+            job: torch.Generator(device=self.device).manual_seed(
+                job.seed if job.seed is not None else secrets.randbits(63)
+            )
             for job in batch
         }
-        ids, mask = left_pad([r.prompt for r in rows], self.pad_id)
+        ids, mask = left_pad([r.prompt for r in rows], self.pad_id, device=self.device)
         self.batches += 1
         self.sequences += len(rows)
         self.largest_batch = max(self.largest_batch, len(rows))
@@ -440,19 +461,19 @@ class ServeEngine:
             for _ in range(max(job.max_tokens for job in batch)):
                 # Each job samples from its own generator, so a seeded request does not depend on
                 # what shares its batch.
-                next_tokens = torch.empty(len(live), dtype=torch.long)
+                next_tokens = torch.empty(len(live), dtype=torch.long, device=self.device)
                 start = 0
                 for job, members in groupby(live, key=lambda row: row.job):
                     end = start + len(list(members))
                     next_tokens[start:end] = _sample(logits[start:end], job.temperature, job.top_p, generators[job])
                     start = end
-                for row, token in zip(live, next_tokens.tolist(), strict=True):
+                for row, token in zip(live, next_tokens.tolist(), strict=True):  # the step's one copy to the host
                     row.push(token)
                 keep = [i for i, row in enumerate(live) if not (row.done or row.job.cancelled)]
                 if not keep:
                     break
                 if len(keep) < len(live):
-                    index = torch.tensor(keep)
+                    index = torch.tensor(keep, device=self.device)
                     cache.batch_select_indices(index)
                     mask, next_tokens = mask[index], next_tokens[index]
                     live = [live[i] for i in keep]
@@ -663,6 +684,8 @@ class Completion(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "stopping"]
     models: list[str]
+    device: str
+    dtype: str
     queued: int
     batches: int
     sequences: int
@@ -774,6 +797,8 @@ def create_app(engine: ServeEngine, max_body_bytes: int = MAX_BODY_BYTES) -> Any
         body = {
             "status": "ok" if engine.alive else "stopping",
             "models": engine.model_names,
+            "device": str(engine.device),
+            "dtype": str(engine.dtype).removeprefix("torch."),
             "queued": engine.queued,
             "batches": engine.batches,
             "sequences": engine.sequences,
