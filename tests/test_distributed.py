@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +30,17 @@ TIMINGS = {"seconds", "time_generate", "time_score", "time_train", "time_monitor
 def torchrun(nproc: int, *args: str) -> list[str]:
     """The command line a user types: ``torchrun --nproc-per-node N ...`` (a free port of its own)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+
+
+def accelerate_launch(nproc: int, *args: str) -> list[str]:
+    """``accelerate launch``: without a GPU it starts N processes only with ``--multi_gpu`` (they then
+    join over gloo on the CPU); plain ``--num_processes N`` starts one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port), *args]  # fmt: skip
 
 
 def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -175,9 +187,9 @@ def group_flags(algo: str, prompts: Path, out: Path, steps: int, *extra: str) ->
     ]  # fmt: skip
 
 
-def test_two_process_rloo_writes_one_log_and_an_adapter(tmp_path: Path, prompts: Path) -> None:
+def test_rloo_under_accelerate_launch_writes_one_log_and_an_adapter(tmp_path: Path, prompts: Path) -> None:
     out = tmp_path / "rloo"
-    done = run(torchrun(2, *group_flags("rloo", prompts, out, 2)))
+    done = run(accelerate_launch(2, *group_flags("rloo", prompts, out, 2)))
     assert [r["step"] for r in metrics(out)] == [1, 2]
     assert (out / "adapter" / "adapter_config.json").exists() and (out / "README.md").exists()
     assert done.stdout.count("reached max_steps=2") == 1  # rank 0 alone prints the summary

@@ -39,6 +39,16 @@ def make_accelerator(find_unused_parameters: bool = False) -> Any:
         cpu=not torch.cuda.is_available(),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:  # an accelerate config with distributed_type DEEPSPEED (GPU machines)
+        if plugin.zero_stage == 3:
+            raise RlhfkitError(
+                "DeepSpeed ZeRO-3 partitions the weights that the rollout reads whole: "
+                "shard a full fine-tune with --full --fsdp (FSDP2) instead, or use ZeRO-2"
+            )
+        # The trainers form their own mini-batches; DeepSpeed only asks for a number.
+        if plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise RlhfkitError(

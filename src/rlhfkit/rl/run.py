@@ -576,6 +576,11 @@ class OnlineTrainer:
 
     def load_checkpoint(self, folder: Path) -> None:
         acc = self.accelerator
+        if getattr(acc.state, "deepspeed_plugin", None) is not None:
+            raise RlhfkitError(
+                f"{folder}: resuming under DeepSpeed is not supported (each rank holds part of the optimizer "
+                "state, and checkpoints keep rank 0's); resume with torchrun (DDP) or --fsdp"
+            )
         trainable, torch_state, state = load_checkpoint(
             folder, trainable_state(self.core), acc.process_index, acc.num_processes
         )
