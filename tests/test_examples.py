@@ -39,3 +39,14 @@ def test_example_loads(name: str) -> None:
     values = load_yaml_config(cls, EXAMPLES / name)
     assert values
     resolve_config(cls, EXAMPLES / name, {})
+
+
+def test_accelerate_configs_load() -> None:
+    """The launcher configs under examples/accelerate/ parse as accelerate's own loader reads them."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    files = sorted((EXAMPLES / "accelerate").glob("*.yaml"))
+    assert files
+    for path in files:
+        config = load_config_from_file(str(path))
+        assert config.num_processes >= 2, path

@@ -14,8 +14,8 @@ Recipe features:
 - Everything else as ``rlhf ppo``: roles on one base with the frozen lower layers run once per
   rollout, reward model / judge / function, EOS penalty, monitor, checkpoints and exact resume.
 
-Limits: no critic means no per-token credit: a long answer's tokens share one advantage. One
-process is what is tested.
+Limits: no critic means no per-token credit: a long answer's tokens share one advantage. Under N
+processes a group never spans two ranks (prompts are split, not completions).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from rlhfkit.rl.run import OnlineTrainer, RLConfig, run_online
 class GRPOConfig(RLConfig):
     """Options of ``rlhf grpo``."""
 
-    batch_size: int = option(4, "Prompts per step; each gets num_generations completions.")
+    batch_size: int = option(4, "Prompts per step over all processes; each gets num_generations completions.")
     num_generations: int = option(8, "Completions per prompt (the group), as TRL.")
-    mini_batch_size: int = option(8, "Completions per gradient step.")
+    mini_batch_size: int = option(8, "Completions per gradient step, over all processes.")
     num_iterations: int = option(1, "Passes over each batch (TRL's mu).")
     beta: float = option(0.04, "Weight of the k3 KL to the reference in the loss (0 = none; TRL 1.x defaults to 0).")
     epsilon: float = option(0.2, "Ratio clip, lower side (and upper side unless epsilon_high is set).")

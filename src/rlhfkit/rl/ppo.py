@@ -18,9 +18,13 @@ Recipe features:
   alert with ``stop_on_hacking``, or with a clear message when a loss or the KL turns NaN or the KL
   passes ``max_kl``. Checkpoints hold everything: ``rlhf ppo --resume RUN_DIR`` reproduces a
   straight run's metrics.
+- N processes (``torchrun`` / ``accelerate launch``, ``rlhfkit.distributed``): each rank rolls out
+  its share of the prompts; rewards, GAE and whitening run on the gathered batch; each mini-batch's
+  loss is weighted by the rank's share of its tokens, so the all-reduced gradient is the global
+  mini-batch's. ``--full --fsdp`` shards policy, critic and reference with FSDP2.
 
-Limits: one process is what is tested (the loop is written on ``accelerate``); sampling is plain
-temperature sampling (top-p would make the rollout distribution differ from the one PPO scores).
+Limits: sampling is plain temperature sampling (top-p would make the rollout distribution differ
+from the one PPO scores); GPUs are written for but were not available to test on.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from rlhfkit.rl.run import OnlineTrainer, RLConfig, run_online
 class PPOConfig(RLConfig):
     """Options of ``rlhf ppo``."""
 
-    mini_batch_size: int = option(8, "Rollouts per gradient step.")
+    mini_batch_size: int = option(8, "Rollouts per gradient step, over all processes.")
     ppo_epochs: int = option(4, "Passes over each rollout batch.")
     target_approx_kl: float | None = option(
         None, "Stop a step's PPO epochs once a mini-batch's approx KL(old || new) passes this (unset = run them all)."

@@ -15,7 +15,8 @@ Recipe features:
   rollout, reward model / judge / function, EOS penalty, monitor, checkpoints and exact resume.
 
 Limits: the KL term is in the reward, so a flat score still pays for staying near the reference
-only through the baseline differences within a group. One process is what is tested.
+only through the baseline differences within a group. Under N processes a group never spans two
+ranks (prompts are split, not completions).
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ from rlhfkit.rl.run import OnlineTrainer, RLConfig, run_online
 class RLOOConfig(RLConfig):
     """Options of ``rlhf rloo``."""
 
-    batch_size: int = option(8, "Prompts per step; each gets num_generations completions.")
+    batch_size: int = option(8, "Prompts per step over all processes; each gets num_generations completions.")
     num_generations: int = option(2, "Completions per prompt (the group), as TRL.")
-    mini_batch_size: int = option(8, "Completions per gradient step.")
+    mini_batch_size: int = option(8, "Completions per gradient step, over all processes.")
     num_iterations: int = option(1, "Passes over each batch.")
     kl_coef: float = option(0.05, "KL penalty coefficient in the sequence reward (the floor of an adaptive one).")
     target_kl: float | None = option(

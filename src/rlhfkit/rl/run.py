@@ -90,7 +90,7 @@ class RLConfig:
     max_steps: int | None = option(
         None, "Steps (one rollout batch each) in total; default 100, on --resume the run's own."
     )
-    batch_size: int = option(16, "Prompts per step (rollout batch).")
+    batch_size: int = option(16, "Prompts per step (rollout batch), over all processes: each takes an equal share.")
     max_new_tokens: int = option(48, "Longest response in tokens.")
     max_prompt_tokens: int = option(192, "Longest formatted prompt in tokens (cut from the left).")
     temperature: float = option(0.7, "Sampling temperature, also used for the log-probabilities.")
