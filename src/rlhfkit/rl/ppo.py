@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from rlhfkit.config import option
-from rlhfkit.distributed import gather_rows, mean_over_ranks
+from rlhfkit.distributed import gather_rows, mean_over_ranks, root_gathered
 from rlhfkit.rl.losses import (
     KLController,
     explained_variance,
@@ -128,8 +128,10 @@ class PPOTrainer(OnlineTrainer):
             # (its weights are 0: every value is the bias) instead of noise.
             core = self.core
             with torch.no_grad():
+                # Set on the parameter itself (with --fsdp each rank's shard), then read gathered.
                 core.value_head.bias.fill_(float(gather_rows(self.accelerator, rollout.penalized).mean()))
-                rollout.values = core.values(rollout.ids, rollout.mask, rollout.lower, rollout.query_len)
+                with root_gathered(core):
+                    rollout.values = core.values(rollout.ids, rollout.mask, rollout.lower, rollout.query_len)
         return rollout, timing
 
     def ppo_step(self, r: Rollout) -> dict[str, float]:
