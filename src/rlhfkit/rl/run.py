@@ -452,7 +452,8 @@ class OnlineTrainer:
         self.active = {a.kind for a in self._alerts(self.rows)}
         self.best = read_best(self.out)
         if self.best is not None and self.best["step"] > self.step:  # saved after the checkpoint resumed from
-            shutil.rmtree(self.out / "best")
+            if self.main:
+                shutil.rmtree(self.out / "best", ignore_errors=True)
             self.best = None
         self.stop_reason = f"reached max_steps={self.cfg.max_steps}"
         self.hacked = False
@@ -470,7 +471,8 @@ class OnlineTrainer:
         row: dict[str, Any] = {"step": self.step, **metrics, **timing}
         row["seconds"] = time.perf_counter() - started
         if cfg.monitor_judge and (self.step == 1 or self.step % cfg.monitor_every == 0 or self.step == cfg.max_steps):
-            # Rank 0 alone samples the monitor's batch; every rank gets its numbers (stop rules read them).
+            # Rank 0 samples the monitor's batch (with --fsdp every rank takes part: the layers gather
+            # their shards); every rank gets rank 0's numbers, which the stop rules read.
             monitored: dict[str, float] = {}
             if self.monitor is not None:
                 t0 = time.perf_counter()
