@@ -221,3 +221,134 @@ def test_fsdp2_grpo_run_with_monitor_resumes_like_a_straight_run(tmp_path: Path,
     last = load_file(straight / "checkpoints" / "step-000003" / "trainable.safetensors")
     for key, value in last.items():  # the saved model is the whole of the last step's (gathered) weights
         torch.testing.assert_close(final[key.removeprefix("trunk.")], value)
+
+
+# ----------------------------------------------------------------------------------------------
+# DPO and reward-model training: each step's batch of pairs split over the ranks
+
+PAIR_KEYS = ("loss", "accuracy", "rewards_chosen", "rewards_rejected", "margin", "logps_chosen", "logps_rejected")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 preference pairs on 12 prompts: batches of 5 pairs split 3 + 2 over 2 ranks, so the ranks'
+    losses must be weighted by their share of the batch (an epoch's last batch is smaller still)."""
+    import random
+
+    rng = random.Random(0)
+    good, plain = ["sunny", "calm", "warm", "kind", "bright", "gentle"], ["table", "seven", "grey", "paper", "road"]
+    rows = [
+        {
+            "prompt": f"Question {i}: describe the day.",
+            "chosen": " ".join(rng.choice(good) for _ in range(4)),
+            "rejected": " ".join(rng.choice(plain) for _ in range(4)),
+        }
+        for i in range(12)
+        for _ in range(2)
+    ]
+    path = tmp_path_factory.mktemp("pairs") / "prefs.jsonl"
+    write_jsonl(path, rows)
+    return path
+
+
+def dpo_flags(data: Path, out: Path, steps: int) -> list[str]:
+    return [
+        "-m", "rlhfkit", "dpo", "--data", str(data), "--out", str(out), "--policy", "tiny-random",
+        "--trainable-layers", "1", "--max-length", "64", "--batch-size", "5", "--learning-rate", "1e-3",
+        "--eval-fraction", "0.25", "--max-steps", str(steps), "--save-every", "2",
+    ]  # fmt: skip
+
+
+def reward_flags(data: Path, out: Path) -> list[str]:
+    return [
+        "-m", "rlhfkit", "reward", "train", "--data", str(data), "--out", str(out), "--model", "tiny-random",
+        "--trainable-layers", "1", "--epochs", "2", "--batch-size", "5", "--learning-rate", "1e-3",
+    ]  # fmt: skip
+
+
+def assert_same_steps(one: list[dict], two: list[dict], keys: tuple[str, ...]) -> None:
+    """Step rows of a 1- and a 2-process run: one row per step (rank 0 alone writes), the first step's
+    loss the same (the same weights: the ranks' means combine into the whole batch's), and every later
+    step close (the all-reduced gradient is the whole batch's)."""
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    assert two[0]["loss"] == pytest.approx(one[0]["loss"], abs=1e-5)
+    for a, b in zip(one, two, strict=True):
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(tmp_path_factory: pytest.TempPathFactory, pairs: Path) -> dict[int, Path]:
+    """The same 4-step DPO run on 1 process and on 2."""
+    root = tmp_path_factory.mktemp("dpo")
+    run([sys.executable, *dpo_flags(pairs, root / "one", 4)])
+    run(torchrun(2, *dpo_flags(pairs, root / "two", 4)))
+    return {1: root / "one", 2: root / "two"}
+
+
+def test_rank_slice_shares_an_uneven_batch_and_refuses_one_too_small() -> None:
+    from rlhfkit.distributed import rank_slice
+    from rlhfkit.errors import RlhfkitError
+
+    assert [rank_slice(5, r, 2) for r in range(2)] == [slice(0, 3), slice(3, 5)]
+    assert [rank_slice(7, r, 3) for r in range(3)] == [slice(0, 3), slice(3, 5), slice(5, 7)]
+    with pytest.raises(RlhfkitError, match=r"--batch-size 8 .*: a batch of 1 does not split over 2 processes"):
+        rank_slice(1, 1, 2, "--batch-size 8 (smallest batch: 1 pairs)")
+
+
+def test_two_process_dpo_matches_one_process(dpo_runs: dict[int, Path]) -> None:
+    one, two = metrics(dpo_runs[1]), metrics(dpo_runs[2])
+    assert [r["step"] for r in one] == [1, 2, 3, 4] and [r["pairs"] for r in two] == [5, 5, 5, 3]
+    assert_same_steps(one, two, PAIR_KEYS)
+    held = [json.loads((dpo_runs[n] / "metrics.json").read_text()) for n in (1, 2)]
+    for key in ("eval_loss", "eval_margin", "eval_logp_margin", "eval_ref_logp_margin"):
+        assert held[1][key] == pytest.approx(held[0][key], rel=1e-4, abs=1e-5), key
+    state = torch.load(dpo_runs[2] / "checkpoints" / "step-000004" / "state.pt", weights_only=False)
+    assert len(state["rank_rngs"]) == 2
+    assert (dpo_runs[2] / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_two_process_dpo_stopped_and_resumed_reproduces_a_straight_run(
+    tmp_path: Path, pairs: Path, dpo_runs: dict[int, Path]
+) -> None:
+    out = tmp_path / "run"
+    run(torchrun(2, *dpo_flags(pairs, out, 2)))
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    run(torchrun(2, "-m", "rlhfkit", "dpo", "--resume", str(out), "--max-steps", "4"))
+    straight, resumed = metrics(dpo_runs[2]), metrics(out)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed, strict=True):
+        assert a.keys() == b.keys()
+        for key in a.keys() - TIMINGS:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+def test_two_process_reward_training_matches_one_process(tmp_path: Path, pairs: Path) -> None:
+    run([sys.executable, *reward_flags(pairs, tmp_path / "one")])
+    done = run(accelerate_launch(2, *reward_flags(pairs, tmp_path / "two")))
+    assert done.stdout.count("train_accuracy") == 1  # rank 0 alone prints the summary
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    steps_one, steps_two = [r for r in one if "loss" in r], [r for r in two if "loss" in r]
+    assert [r["step"] for r in steps_one] == list(range(1, 11))  # 22 training pairs: 5 batches an epoch
+    assert_same_steps(steps_one, steps_two, ("loss", "accuracy"))
+    evals_one, evals_two = [r for r in one if "eval_loss" in r], [r for r in two if "eval_loss" in r]
+    assert [r["step"] for r in evals_two] == [r["step"] for r in evals_one] == [5, 10]
+    for a, b in zip(evals_one, evals_two, strict=True):
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4, abs=1e-5)
+    final = [json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("one", "two")]
+    # Not score_mean: the head's bias cancels out of the loss, so Adam walks it on rounding noise alone.
+    for key in ("eval_loss", "mean_margin", "train_accuracy", "score_std"):
+        assert final[1][key] == pytest.approx(final[0][key], rel=1e-4, abs=1e-5), key
+    assert (tmp_path / "two" / "head.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp2_ppo_sets_the_critic_bias_on_its_shards_and_saves_the_critic(tmp_path: Path, prompts: Path) -> None:
+    out = tmp_path / "ppo"
+    flags = ppo_flags(prompts, out, 2)
+    run(torchrun(2, *flags[: flags.index("--trainable-layers")], "--full", "--fsdp", "--batch-size", "4"))
+    rows = metrics(out)
+    # A critic with no reward head starts at the first batch's mean score: set on the sharded bias.
+    assert rows[0]["value_mean"] == pytest.approx(rows[0]["score_penalized_mean"], abs=1e-5)
+    assert (out / "model" / "model.safetensors").exists() and (out / "value_head.safetensors").exists()
+    assert load_file(out / "value_head.safetensors")["bias"].shape == (1,)

@@ -24,6 +24,11 @@ Recipe features and limits:
   weights so far, every RNG) every ``save_every`` steps and at each epoch's end; ``resume``
   continues from the last one (the lower-layer cache is rebuilt, the data position follows from the
   step) and reproduces a straight run's ``metrics.jsonl`` and final model.
+- N data-parallel processes (``torchrun`` or ``accelerate launch``): each optimizer step's batch of
+  pairs is split into contiguous near-equal shares, one per rank, each rank's loss weighted so that
+  the all-reduced gradient is that of the whole batch's mean; the logged numbers are whole-batch
+  means. The lower-layer cache, the probe and the held-out scores are computed on every rank (the
+  same numbers); rank 0 alone writes the directory.
 """
 
 from __future__ import annotations
@@ -46,10 +51,19 @@ from torch import nn
 from rlhfkit.config import REQUIRED, option, save_config
 from rlhfkit.console import print_table, progress_bar
 from rlhfkit.data import PreferenceRecord, Prompt, load_preferences, prompt_text, write_text_atomic
+from rlhfkit.distributed import (
+    all_rng_states,
+    global_loss_scale,
+    make_accelerator,
+    mean_over_ranks,
+    rank_seed,
+    rank_slice,
+)
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import encode_prompts
 from rlhfkit.models import (
     DEFAULT_MODEL,
+    DTYPE_HELP,
     build_trunk,
     cache_lower,
     final_hidden,
@@ -58,6 +72,7 @@ from rlhfkit.models import (
     load_tokenizer,
     lower_hidden,
     model_device,
+    resolve_dtype,
     right_pad,
     trainable_state,
     upper_hidden,
@@ -68,6 +83,7 @@ from rlhfkit.rundir import (
     list_checkpoints,
     load_checkpoint,
     open_run,
+    rng_state,
     save_checkpoint,
     truncate_metrics,
     write_model_card,
@@ -99,6 +115,7 @@ class RewardTrainConfig:
     trainable_layers: int = option(4, "LoRA on the top N transformer layers only (0 = every layer).")
     cache_lower: bool = option(True, "Run the frozen lower layers once and reuse their output each epoch.")
     max_length: int = option(256, "Longest prompt+completion in tokens; longer ones are cut.")
+    dtype: str = option("auto", DTYPE_HELP)
     pooling: str = option(
         "last",
         "What the head reads: last (final state of the last token, the EOS), mean (mean of the "
@@ -231,8 +248,9 @@ class RewardModel(nn.Module):
     """A trunk (plain or peft-wrapped causal LM) and a scalar head over pooled final states.
 
     ``split`` is the index of the first layer that can change during training: the output of the
-    layers below it can be computed once (``lower``) and reused (``score_from_lower``).
-    ``head_dropout`` applies to the pooled feature in training mode only.
+    layers below it can be computed once (``lower``) and reused (``forward(lower=...)``).
+    ``head_dropout`` applies to the pooled feature in training mode only. The head stays fp32 under
+    a bf16 or fp16 trunk: the final states are cast to its dtype.
     """
 
     def __init__(
@@ -255,24 +273,37 @@ class RewardModel(nn.Module):
             return reward_scores(head, hidden, attention_mask, completion_start, self.pooling)
         return reward_scores(self.head, hidden, attention_mask, completion_start, self.pooling)
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: torch.Tensor | None = None
+    def _final(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, lower: torch.Tensor | None
     ) -> torch.Tensor:
-        hidden = final_hidden(self.trunk, input_ids, attention_mask)
-        return self._pool(hidden, attention_mask, completion_start)
+        """Final hidden states in the head's dtype, from the ids or from the cached ``lower`` states."""
+        if lower is not None:
+            hidden = upper_hidden(self.trunk, lower, attention_mask, self.split)
+        else:
+            hidden = final_hidden(self.trunk, input_ids, attention_mask)
+        return hidden.to(self.head.weight.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor,
+        completion_start: torch.Tensor | None = None,
+        lower: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scores (B,); with ``lower`` (the output of the layers below ``split``) the ids are not read.
+        Training calls this, through the accelerator's wrapper, so data parallelism sees the forward."""
+        return self._pool(self._final(input_ids, attention_mask, lower), attention_mask, completion_start)
 
     def features(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The pooled feature the head reads (no dropout)."""
-        hidden = final_hidden(self.trunk, input_ids, attention_mask)
-        return pool_hidden(hidden, attention_mask, completion_start, self.pooling)
+        return pool_hidden(self._final(input_ids, attention_mask, None), attention_mask, completion_start, self.pooling)
 
     def features_from_lower(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, completion_start: torch.Tensor | None = None
     ) -> torch.Tensor:
-        upper = upper_hidden(self.trunk, hidden, attention_mask, self.split)
-        return pool_hidden(upper, attention_mask, completion_start, self.pooling)
+        return pool_hidden(self._final(None, attention_mask, hidden), attention_mask, completion_start, self.pooling)
 
     def lower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return lower_hidden(self.trunk, input_ids, attention_mask, self.split)
@@ -280,8 +311,7 @@ class RewardModel(nn.Module):
     def score_from_lower(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, completion_start: torch.Tensor | None = None
     ) -> torch.Tensor:
-        upper = upper_hidden(self.trunk, hidden, attention_mask, self.split)
-        return self._pool(upper, attention_mask, completion_start)
+        return self(None, attention_mask, completion_start, lower=hidden)
 
 
 def new_head(hidden_size: int, seed: int) -> nn.Linear:
@@ -519,7 +549,7 @@ def dedupe_sequences(
 def _pad_hidden(hiddens: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(h.shape[0] for h in hiddens)
     out = hiddens[0].new_zeros((len(hiddens), width, hiddens[0].shape[-1]))
-    mask = torch.zeros((len(hiddens), width), dtype=torch.long)
+    mask = torch.zeros((len(hiddens), width), dtype=torch.long, device=out.device)
     for i, h in enumerate(hiddens):
         out[i, : h.shape[0]] = h
         mask[i, : h.shape[0]] = 1
@@ -527,7 +557,11 @@ def _pad_hidden(hiddens: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Te
 
 
 class _Scorer:
-    """Scores (flattened) sequences by index, from the lower-layer cache when there is one."""
+    """Scores (flattened) sequences by index, from the lower-layer cache when there is one.
+
+    ``model`` is the unwrapped reward model (scoring without gradients); the training step passes
+    the accelerator's wrapper of it to ``__call__``, so that data parallelism sees its forward.
+    """
 
     def __init__(
         self,
@@ -536,16 +570,24 @@ class _Scorer:
         starts: list[int],
         pad_id: int,
         cache: list[torch.Tensor] | None,
+        device: torch.device | str = "cpu",
     ):
         self.model, self.seqs, self.starts, self.pad_id, self.cache = model, seqs, starts, pad_id, cache
+        self.device = torch.device(device)
 
-    def __call__(self, idx: Sequence[int]) -> torch.Tensor:
-        begin = torch.tensor([self.starts[i] for i in idx])
+    def inputs(self, idx: Sequence[int]) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(ids, mask, completion starts, cached lower states)`` of sequences ``idx`` on the device;
+        the ids are None when the cache stands in for them."""
+        begin = torch.tensor([self.starts[i] for i in idx], device=self.device)
         if self.cache is not None:
             hidden, mask = _pad_hidden([self.cache[i] for i in idx])
-            return self.model.score_from_lower(hidden, mask, begin)
+            return None, mask.to(self.device), begin, hidden.to(self.device)
         ids, mask = right_pad([self.seqs[i] for i in idx], self.pad_id)
-        return self.model(ids, mask, begin)
+        return ids.to(self.device), mask.to(self.device), begin, None
+
+    def __call__(self, idx: Sequence[int], model: nn.Module | None = None) -> torch.Tensor:
+        ids, mask, begin, lower = self.inputs(idx)
+        return (model if model is not None else self.model)(ids, mask, begin, lower=lower)
 
     @torch.no_grad()
     def features(self, idx: Sequence[int], batch_size: int = 32) -> torch.Tensor:
@@ -554,12 +596,10 @@ class _Scorer:
         out: dict[int, torch.Tensor] = {}
         for s in range(0, len(order), batch_size):
             chunk = order[s : s + batch_size]
-            begin = torch.tensor([self.starts[i] for i in chunk])
-            if self.cache is not None:
-                hidden, mask = _pad_hidden([self.cache[i] for i in chunk])
-                feats = self.model.features_from_lower(hidden, mask, begin)
+            ids, mask, begin, lower = self.inputs(chunk)
+            if lower is not None:
+                feats = self.model.features_from_lower(lower, mask, begin)
             else:
-                ids, mask = right_pad([self.seqs[i] for i in chunk], self.pad_id)
                 feats = self.model.features(ids, mask, begin)
             out.update(zip(chunk, feats, strict=True))
         return torch.stack([out[i] for i in idx])
@@ -571,7 +611,7 @@ class _Scorer:
         for s in range(0, len(order), batch_size):
             chunk = order[s : s + batch_size]
             out.update(zip(chunk, self(chunk).tolist(), strict=True))
-        return torch.tensor([out[i] for i in idx])
+        return torch.tensor([out[i] for i in idx], device=self.device)
 
 
 class PromptGroupedBatches:
@@ -603,6 +643,11 @@ class PromptGroupedBatches:
 
     def __len__(self) -> int:
         return math.ceil(self.n_pairs / self.batch_size)
+
+    @property
+    def smallest(self) -> int:
+        """Pairs in an epoch's smallest batch (its last; every other one has ``batch_size``)."""
+        return self.n_pairs - (len(self) - 1) * self.batch_size
 
     def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[list[int]]:
         """Epoch ``epoch``'s batches, from its ``skip``-th on."""
@@ -667,32 +712,42 @@ def _restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dict:
-    """Train (or, with ``cfg.resume``, continue), evaluate and save a reward model; returns its metrics."""
-    from accelerate import Accelerator
+    """Train (or, with ``cfg.resume``, continue), evaluate and save a reward model, this process on its
+    share of every batch; returns its metrics."""
     from accelerate.utils import set_seed
 
     if cfg.resume:
-        cfg = open_run(cfg, required=(), may_change=())
+        cfg = open_run(cfg, required=(), may_change=(), write=False)  # written below, by rank 0
     elif not (cfg.data and cfg.out):
         raise RlhfkitError("missing required option --data or --out (or --resume RUN_DIR)")
+    # --full: an untied LM head trains but the score never reads it; data parallelism must not wait
+    # for its gradient.
+    accelerator = make_accelerator(find_unused_parameters=cfg.full)
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
     records = load_preferences(cfg.data)
     train_idx, eval_idx = split_by_prompt(records, cfg.eval_fraction, cfg.seed)
     if not train_idx:
         raise RlhfkitError(f"{cfg.data}: no training pairs left after holding out {cfg.eval_fraction:.0%}")
     fit_idx, val_idx = split_for_validation(records, train_idx, cfg.validation_fraction, cfg.seed)
+    batches = PromptGroupedBatches(records, fit_idx, cfg.batch_size, cfg.seed, by_prompt=cfg.group_by_prompt)
+    # Every rank takes a share of each batch, so the smallest (an epoch's last) needs a pair per rank.
+    rank_slice(
+        batches.smallest, rank, world, f"--batch-size {cfg.batch_size} (smallest batch: {batches.smallest} pairs)"
+    )
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    accelerator = Accelerator()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     set_seed(cfg.seed)
     started = time.perf_counter()
 
     tokenizer = load_tokenizer(cfg.model)
-    base = load_causal_lm(cfg.model)
+    base = load_causal_lm(cfg.model, resolve_dtype(cfg.dtype, device))
     trunk, split = build_trunk(base, cfg.full, cfg.lora_r, cfg.lora_alpha, cfg.trainable_layers)
     head = new_head(base.config.hidden_size, cfg.seed)
     model = RewardModel(trunk, head, split, pooling=cfg.pooling, head_dropout=cfg.head_dropout)
-    model.to(accelerator.device)
+    model.to(device)  # the head keeps its fp32
 
     pairs = encode_pairs_with_starts(tokenizer, records, cfg.max_length)
     seqs, starts, pair_refs = dedupe_sequences(pairs)
@@ -700,14 +755,13 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
     def flat(pair_idx: Sequence[int]) -> list[int]:  # chosen, rejected, chosen, rejected, ...
         return [seq for i in pair_idx for seq in pair_refs[i]]
 
-    margins = torch.tensor([r.margin for r in records], dtype=torch.float32, device=accelerator.device)
+    margins = torch.tensor([r.margin for r in records], dtype=torch.float32, device=device)
     use_cache = cfg.cache_lower and not cfg.full and split > 0
     cache = cache_lower(model.trunk, model.split, seqs, tokenizer.pad_token_id) if use_cache else None
     cache_seconds = time.perf_counter() - started
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    batches = PromptGroupedBatches(records, fit_idx, cfg.batch_size, cfg.seed, by_prompt=cfg.group_by_prompt)
     steps_per_epoch = len(batches)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = max(1, round(total_steps * cfg.warmup_fraction))
@@ -718,15 +772,19 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    # Under several processes ``model`` is wrapped for data parallelism: the training step calls it, so
+    # backward all-reduces the gradients; scoring without gradients calls the unwrapped one.
     model, optimizer = accelerator.prepare(model, optimizer)
-    scorer = _Scorer(accelerator.unwrap_model(model), seqs, starts, tokenizer.pad_token_id, cache)
+    if world > 1:  # head dropout: each rank its own dice (after the shared initialisation)
+        torch.manual_seed(rank_seed(cfg.seed, accelerator))
+    scorer = _Scorer(accelerator.unwrap_model(model), seqs, starts, tokenizer.pad_token_id, cache, device)
 
     # Where the run stands: a fresh start, or the last checkpoint of a killed run.
     step, train_seconds, eval_metrics, pairs_seen, epochs_run, probe_seconds = 0, 0.0, {}, 0, 0, 0.0
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # (validation loss, epoch, weights)
     checkpoint = latest_checkpoint(out) if cfg.resume else None
     if checkpoint is not None:
-        weights, torch_state, state = load_checkpoint(checkpoint, trainable_state(scorer.model))
+        weights, torch_state, state = load_checkpoint(checkpoint, trainable_state(scorer.model), rank, world)
         _restore(scorer.model, weights)
         optimizer.load_state_dict(torch_state["optimizer"])
         scheduler.load_state_dict(torch_state["scheduler"])
@@ -734,13 +792,15 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
             best = (state["best_loss"], state["best_epoch"], torch_state["best_weights"])
         step, train_seconds, pairs_seen = state["step"], state["train_seconds"], state["pairs_seen"]
         epochs_run, eval_metrics, probe_seconds = state["epochs_run"], state["eval_metrics"], state["probe_seconds"]
+    accelerator.wait_for_everyone()  # every rank has read the run before rank 0 rewrites it
+    if main and checkpoint is not None:
         console.print(f"resuming {out} from step {step} ({checkpoint.name})")
-    if checkpoint is not None:
         truncate_metrics(out, step)  # a killed run's rows after its checkpoint are redone
-    else:  # a new run, or one killed before its first checkpoint: from the start
+    elif main:  # a new run, or one killed before its first checkpoint: from the start
         (out / "metrics.jsonl").unlink(missing_ok=True)
         for old in list_checkpoints(out):
             shutil.rmtree(old)
+    accelerator.wait_for_everyone()
 
     def save(epoch_rows_done: int) -> None:
         torch_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
@@ -754,9 +814,13 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
         if best is not None:
             torch_state["best_weights"] = best[2]
             trainer_state.update(best_loss=best[0], best_epoch=best[1])
-        save_checkpoint(out, step, trainable_state(scorer.model), torch_state, trainer_state, cfg.keep_checkpoints)
+        rngs = all_rng_states(accelerator, rng_state())  # every rank's, written by rank 0
+        if main:
+            weights = trainable_state(scorer.model)
+            save_checkpoint(out, step, weights, torch_state, trainer_state, cfg.keep_checkpoints, rngs)
+        accelerator.wait_for_everyone()
 
-    log = MetricsLog(out, "reward")
+    log = MetricsLog(out, "reward") if main else None
     if cfg.head_init == "probe" and checkpoint is None:  # LP-FT: the head starts as the best linear probe
         t0 = time.perf_counter()
         model.eval()
@@ -770,9 +834,10 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
             s = scorer.all(flat(val_idx))
             val_metrics = _pair_metrics(s[0::2], s[1::2], margins[val_idx])
             best = (val_metrics["loss"], 0, _trainable_copy(scorer.model))
-            log.write({"step": 0, "epoch": 0, **{f"val_{k}": v for k, v in val_metrics.items()}})
+            if log is not None:
+                log.write({"step": 0, "epoch": 0, **{f"val_{k}": v for k, v in val_metrics.items()}})
     stopped_early = best is not None and cfg.patience and epochs_run - best[1] >= cfg.patience
-    with progress_bar("reward train") as progress:
+    with progress_bar("reward train", disable=not main) as progress:
         task = progress.add_task("train", total=total_steps, completed=step, info="")
         first_epoch, skip = divmod(step, steps_per_epoch)
         for epoch in range(first_epoch, 0 if stopped_early else cfg.epochs):
@@ -780,11 +845,20 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
             for pair_idx in batches.epoch_batches(epoch, skip if epoch == first_epoch else 0):
                 t0 = time.perf_counter()
                 pairs_seen += len(pair_idx)
-                unique, inverse = torch.unique(torch.tensor(flat(pair_idx)), return_inverse=True)
-                scores = scorer(unique.tolist())[inverse.to(accelerator.device)]  # a shared sequence runs once
+                # This rank's share of the pairs, through the wrapped model (a shared sequence runs once);
+                # its mean loss weighted so that the all-reduced gradient is the whole batch's.
+                mine = pair_idx[rank_slice(len(pair_idx), rank, world)]
+                unique, inverse = torch.unique(torch.tensor(flat(mine)), return_inverse=True)
+                scores = scorer(unique.tolist(), model)[inverse.to(device)]
                 chosen, rejected = scores[0::2], scores[1::2]
-                loss = bradley_terry_loss(chosen, rejected, margins[pair_idx])
-                accelerator.backward(loss)
+                loss = bradley_terry_loss(chosen, rejected, margins[mine])
+                scale, finite = global_loss_scale(accelerator, len(mine), math.isfinite(float(loss.detach())))
+                if not finite:
+                    raise RlhfkitError(
+                        f"step {step + 1}: the loss turned NaN/inf (earlier weights are in checkpoints/); "
+                        "start again with a lower --learning-rate"
+                    )
+                accelerator.backward(loss * scale if scale != 1.0 else loss)
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -792,15 +866,19 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
                 step += 1
                 seconds = time.perf_counter() - t0
                 train_seconds += seconds
+                means = {
+                    "loss": float(loss.detach()),
+                    "accuracy": pairwise_accuracy(chosen.detach(), rejected.detach()),
+                }
                 row = {
                     "step": step,
                     "epoch": epoch + (step - epoch * steps_per_epoch) / steps_per_epoch,
-                    "loss": float(loss.detach()),
-                    "accuracy": pairwise_accuracy(chosen.detach(), rejected.detach()),
+                    **mean_over_ranks(accelerator, means, len(mine)),  # the whole batch's
                     "learning_rate": scheduler.get_last_lr()[0],
                     "seconds": seconds,
                 }
-                log.write(row)
+                if log is not None:
+                    log.write(row)
                 progress.update(task, advance=1, info=f"loss {row['loss']:.3f} acc {row['accuracy']:.2f}")
                 if cfg.save_every and step % cfg.save_every == 0 and step % steps_per_epoch:
                     save(epochs_run)  # mid-epoch; the epoch's end saves below
@@ -820,12 +898,13 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
                 agreement = judge_agreement([records[i] for i in eval_idx], s[0::2], s[1::2])
                 if agreement is not None:
                     row["eval_judge_accuracy"] = agreement
-            if len(row) > 2:
+            if len(row) > 2 and log is not None:
                 log.write(row)
             save(epochs_run)
             if best is not None and cfg.patience and epoch + 1 - best[1] >= cfg.patience:
                 break
-    log.close()
+    if log is not None:
+        log.close()
 
     model = accelerator.unwrap_model(model).eval()
     restored = best is not None and best[1] != epochs_run
@@ -858,11 +937,13 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
         "seconds_per_100_pairs": round(100 * train_seconds / max(1, pairs_seen), 2),
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
-    _save_reward_model(model, tokenizer, out, cfg)
-    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    _write_model_card(out, cfg, metrics)
+    if main:
+        _save_reward_model(model, tokenizer, out, cfg)
+        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        _write_model_card(out, cfg, metrics)
     if show_summary:
-        print_table("reward model", metrics)
+        print_table("reward model", metrics)  # rank 0 alone prints
+    accelerator.wait_for_everyone()
     return metrics
 
 

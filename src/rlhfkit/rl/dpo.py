@@ -37,9 +37,14 @@ Recipe features:
   (peft) or ``model/``, ``metrics.json`` (held-out accuracy and loss) and a model card, so
   ``rlhf eval``, ``rlhf serve`` and ``rlhf export`` take it unchanged. ``--resume`` continues from the
   last checkpoint and reproduces a straight run's metrics.
+- N data-parallel processes (``torchrun`` or ``accelerate launch``): each optimizer step's batch of
+  pairs is split into contiguous near-equal shares, one per rank; each rank's loss is the mean over
+  its pairs, weighted so that the all-reduced gradient is that of the whole batch's mean, and the
+  logged numbers are means over the whole batch. The reference's and the held-out log-probs are
+  split by batches of sequences and exchanged; the frozen layers' cache is built on every rank.
+  Rank 0 alone writes the run directory and runs the KL monitor.
 
-Limits: one process (the step runs on ``accelerate``, but the pairs are not yet sharded across
-processes); a batch runs as one forward and backward (no gradient accumulation);
+Limits: a batch runs as one forward and backward per rank (no gradient accumulation);
 the frozen layers' output of every unique sequence stays in memory (tokens x hidden size x 4 bytes:
 about 0.6 MB for 256 tokens of SmolLM2-135M); ``max_length`` cuts long pairs as the reward model
 does (the prompt from the left, then the completion).
@@ -64,16 +69,27 @@ from torch import nn
 from rlhfkit.config import REQUIRED, option
 from rlhfkit.console import progress_bar
 from rlhfkit.data import load_preferences, load_prompts, write_text_atomic
+from rlhfkit.distributed import (
+    all_rng_states,
+    gather_objects,
+    global_loss_scale,
+    make_accelerator,
+    mean_over_ranks,
+    rank_slice,
+)
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import SamplingParams, encode_prompts, left_pad, sample_batch
 from rlhfkit.models import (
     DEFAULT_MODEL,
+    DTYPE_HELP,
     build_trunk,
     cache_lower,
     checkpointed_layers,
     final_hidden,
     load_causal_lm,
     load_tokenizer,
+    model_device,
+    resolve_dtype,
     trainable_state,
     upper_hidden,
 )
@@ -91,6 +107,7 @@ from rlhfkit.rundir import (
     load_checkpoint,
     open_run,
     read_metrics,
+    rng_state,
     save_checkpoint,
     truncate_metrics,
     write_model_card,
@@ -137,6 +154,7 @@ class DPOConfig:
         "Recompute the trained layers' activations in backward instead of keeping them "
         "(less memory, one more forward of those layers).",
     )
+    dtype: str = option("auto", DTYPE_HELP)
     save_every: int = option(50, "Checkpoint every N steps (the last step is always saved).")
     keep_checkpoints: int = option(2, "Checkpoints kept on disk (oldest removed).")
     monitor_prompts: str = option(
@@ -325,13 +343,22 @@ class PairSequences:
         return policy(b.ids, b.mask, b.completion_mask, b.query_len, b.lower)
 
     @torch.no_grad()
-    def all_logps(self, policy: nn.Module, idx: Sequence[int], batch_size: int = 32) -> torch.Tensor:
-        """``logps`` of many sequences, each unique one once, in length-sorted batches."""
+    def all_logps(
+        self, policy: nn.Module, idx: Sequence[int], batch_size: int = 32, accelerator: Any = None
+    ) -> torch.Tensor:
+        """``logps`` of many sequences, each unique one once, in length-sorted batches.
+
+        ``accelerator`` (several processes): rank r runs every N-th batch from the r-th and the ranks
+        exchange the numbers; the batches are the ones a single process runs, so the numbers are too.
+        ``policy`` must then be the unwrapped module: the ranks run different numbers of forwards.
+        """
         order = sorted(set(idx), key=lambda i: len(self.seqs[i]))
-        out: dict[int, float] = {}
-        for s in range(0, len(order), batch_size):
+        rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+        found: list[tuple[int, float]] = []
+        for s in range(rank * batch_size, len(order), world * batch_size):
             chunk = order[s : s + batch_size]
-            out.update(zip(chunk, self.logps(policy, chunk).tolist(), strict=True))
+            found += zip(chunk, self.logps(policy, chunk).tolist(), strict=True)
+        out = dict(gather_objects(accelerator, found) if accelerator is not None else found)
         return torch.tensor([out[i] for i in idx], device=self.device)
 
 
@@ -360,7 +387,8 @@ class KLMonitor:
         with torch.random.fork_rng():
             torch.manual_seed(seed + 1)
             for start in range(0, len(self.queries), 16):
-                query_ids, query_mask = left_pad(self.queries[start : start + 16], self.tokenizer.pad_token_id)
+                chunk = self.queries[start : start + 16]
+                query_ids, query_mask = left_pad(chunk, self.tokenizer.pad_token_id, model_device(policy))
                 batch = sample_batch(policy, self.tokenizer, query_ids, query_mask, self.params)
                 ids = torch.cat([query_ids, batch.responses], dim=1)
                 mask = torch.cat([query_mask, batch.mask], dim=1)
@@ -377,19 +405,29 @@ class KLMonitor:
 # Training
 
 
-def train(cfg: DPOConfig) -> dict[str, Any]:
-    """Run (or continue) DPO in ``cfg.out``; returns the final metrics (also in ``metrics.json``)."""
-    from accelerate import Accelerator
+def train(cfg: DPOConfig, accelerator: Any = None) -> dict[str, Any]:
+    """Run (or continue) DPO in ``cfg.out``, this process on its share of every batch; returns the final
+    metrics (also in ``metrics.json``). ``accelerator``: the run's (``run_dpo`` makes it before the
+    run directory, which rank 0 alone writes)."""
     from accelerate.utils import set_seed
 
     started = time.perf_counter()
     out = Path(cfg.out)
+    if accelerator is None:
+        accelerator = make_accelerator()
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
 
-    # 1. Pairs, split by prompt, tokenised once; each unique sequence once.
+    # 1. Pairs, split by prompt, tokenised once; each unique sequence once. Every rank takes a share
+    #    of each batch, so the smallest (an epoch's last) needs a pair per rank.
     records = load_preferences(cfg.data)
     train_idx, eval_idx = split_by_prompt(records, cfg.eval_fraction, cfg.seed)
     if not train_idx:
         raise RlhfkitError(f"{cfg.data}: no training pairs left after holding out {cfg.eval_fraction:.0%} of prompts")
+    batches = PromptGroupedBatches(records, train_idx, cfg.batch_size, cfg.seed)
+    rank_slice(
+        batches.smallest, rank, world, f"--batch-size {cfg.batch_size} (smallest batch: {batches.smallest} pairs)"
+    )
     tokenizer = load_tokenizer(cfg.policy)
     seqs, starts, pair_refs = dedupe_sequences(encode_pairs_with_starts(tokenizer, records, cfg.max_length))
 
@@ -397,26 +435,26 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         return [seq for i in pair_idx for seq in pair_refs[i]]
 
     # 2. The policy: LoRA on the top layers of the frozen base (or every weight with --full).
-    accelerator = Accelerator()
     set_seed(cfg.seed)
-    trunk, split = build_trunk(load_causal_lm(cfg.policy), cfg.full, cfg.lora_r, cfg.lora_alpha, cfg.trainable_layers)
-    trunk.to(accelerator.device)
-    policy = CompletionLogps(trunk, split, cfg.gradient_checkpointing)
-    data = PairSequences(seqs, starts, tokenizer.pad_token_id, split, accelerator.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    base = load_causal_lm(cfg.policy, dtype)
+    trunk, split = build_trunk(base, cfg.full, cfg.lora_r, cfg.lora_alpha, cfg.trainable_layers)
+    trunk.to(device)
+    core = CompletionLogps(trunk, split, cfg.gradient_checkpointing)
+    data = PairSequences(seqs, starts, tokenizer.pad_token_id, split, device)
 
-    # 3. The frozen lower layers once, then the reference's log-probs once per sequence: adapters
-    #    off in LoRA mode; with --full, the same weights before any update (also on resume: the
-    #    checkpoint is loaded after this).
+    # 3. The frozen lower layers once (on every rank), then the reference's log-probs once per
+    #    sequence (each rank a share, exchanged): adapters off in LoRA mode; with --full, the same
+    #    weights before any update (also on resume: the checkpoint is loaded after this).
     data.cache_lower(trunk)
     reference_on = trunk.disable_adapter if hasattr(trunk, "disable_adapter") else nullcontext
     with reference_on():
-        data.ref_logps = data.all_logps(policy, range(len(seqs)))
+        data.ref_logps = data.all_logps(core, range(len(seqs)), accelerator=accelerator)
     average = cfg.loss_type == "ipo"  # IPO reads per-token mean log-probs
 
-    # 4. Optimizer, warm-up then linear decay, the batches; resume from the last checkpoint.
+    # 4. Optimizer, warm-up then linear decay; resume from the last checkpoint.
     params = [p for p in trunk.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    batches = PromptGroupedBatches(records, train_idx, cfg.batch_size, cfg.seed)
     steps_per_epoch = len(batches)
     total = steps_per_epoch * cfg.epochs  # the schedule spans every epoch, even when max_steps stops earlier
     last = min(total, cfg.max_steps) if cfg.max_steps else total
@@ -428,64 +466,72 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         return max(0.0, (total - step) / max(1, total - warmup))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    # Under several processes the policy is wrapped for data parallelism: its forward is the training
+    # step's, so backward all-reduces the gradients. Scoring without gradients calls ``core``.
+    policy, optimizer = accelerator.prepare(core, optimizer)
     step = 0
     checkpoint = latest_checkpoint(out) if cfg.resume else None
     if checkpoint is not None:
-        weights, torch_state, trainer_state = load_checkpoint(checkpoint, trainable_state(trunk))
+        weights, torch_state, trainer_state = load_checkpoint(checkpoint, trainable_state(trunk), rank, world)
         trunk.load_state_dict(weights, strict=False)
         optimizer.load_state_dict(torch_state["optimizer"])
         scheduler.load_state_dict(torch_state["scheduler"])
         step = int(trainer_state["step"])
-        console.print(f"resuming {out} from step {step} ({checkpoint.name})")
     if cfg.resume:
-        truncate_metrics(out, step)  # a killed run's rows after its checkpoint are redone
+        accelerator.wait_for_everyone()  # every rank has read the run before rank 0 rewrites its log
+        if main:
+            if checkpoint is not None:
+                console.print(f"resuming {out} from step {step} ({checkpoint.name})")
+            truncate_metrics(out, step)  # a killed run's rows after its checkpoint are redone
+        accelerator.wait_for_everyone()
     monitor = reference = None
-    if cfg.monitor_prompts:
+    if cfg.monitor_prompts:  # read on every rank (a bad file fails them all), sampled on rank 0
         room = max(1, cfg.max_length - cfg.monitor_max_new_tokens)
         monitor = KLMonitor(cfg.monitor_prompts, cfg.monitor_num_prompts, tokenizer, room, cfg.monitor_max_new_tokens)
         # --full: the policy moves, so the reference is a frozen copy (only the monitor needs one).
-        reference = load_causal_lm(cfg.policy).requires_grad_(False) if cfg.full else trunk
+        if main:
+            reference = load_causal_lm(cfg.policy, dtype, device).requires_grad_(False) if cfg.full else trunk
     setup_seconds = time.perf_counter() - started
 
     # 5. The loop: one optimizer step per batch of pairs.
     rows = read_metrics(out)
     falling = logps_falling(rows, cfg.falling_window)
     train_seconds, pairs_seen = 0.0, 0
-    with MetricsLog(out, "dpo") as log, progress_bar("dpo") as progress:
+    with MetricsLog(out, "dpo") if main else nullcontext() as log, progress_bar("dpo", disable=not main) as progress:
         task = progress.add_task("dpo", total=last, completed=step, info="")
         for epoch, pair_idx in batches.from_step(step):
             if step >= last:
                 break
             t0 = time.perf_counter()
-            # 5a. Policy log-probs of the batch's unique sequences (one forward), spread to the pairs.
-            seq_idx = flat(pair_idx)
+            # 5a. This rank's share of the pairs; the policy's log-probs of their unique sequences (one
+            #     forward on every rank), spread to the pairs.
+            mine = pair_idx[rank_slice(len(pair_idx), rank, world)]
+            seq_idx = flat(mine)
             unique, inverse = torch.unique(torch.tensor(seq_idx), return_inverse=True)
-            logps = data.logps(policy, unique.tolist())[inverse]
+            logps = data.logps(policy, unique.tolist())[inverse.to(device)]
             ref, n_tokens = data.ref_logps[seq_idx], data.lengths[seq_idx]
             if average:
                 logps, ref = logps / n_tokens, ref / n_tokens
-            # 5b. The loss, one step.
+            # 5b. The loss (the mean over this rank's pairs, weighted to the whole batch's mean), one step.
             loss, chosen_rewards, rejected_rewards = dpo_loss(
                 logps[0::2], logps[1::2], ref[0::2], ref[1::2], cfg.beta, cfg.loss_type, cfg.label_smoothing
             )
-            if not math.isfinite(float(loss.detach())):
+            scale, finite = global_loss_scale(accelerator, len(mine), math.isfinite(float(loss.detach())))
+            if not finite:
                 raise RlhfkitError(
                     f"step {step + 1}: the loss turned NaN/inf (earlier weights are in checkpoints/); "
                     "start again with a lower --learning-rate"
                 )
             learning_rate = scheduler.get_last_lr()[0]
-            accelerator.backward(loss)
+            accelerator.backward(loss * scale if scale != 1.0 else loss)
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            # 5c. The row: losses and rewards; the log-probs as sums over each completion.
+            # 5c. The row: losses and rewards (the log-probs as sums over each completion), the whole batch's means.
             sums = logps.detach() * n_tokens if average else logps.detach()
-            row: dict[str, Any] = {
-                "step": step,
-                "epoch": step / steps_per_epoch,
+            means = {
                 "loss": float(loss.detach()),
                 "accuracy": pairwise_accuracy(chosen_rewards, rejected_rewards),
                 "rewards_chosen": float(chosen_rewards.mean()),
@@ -493,14 +539,19 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
                 "margin": float((chosen_rewards - rejected_rewards).mean()),
                 "logps_chosen": float(sums[0::2].mean()),
                 "logps_rejected": float(sums[1::2].mean()),
+            }
+            row: dict[str, Any] = {
+                "step": step,
+                "epoch": step / steps_per_epoch,
+                **mean_over_ranks(accelerator, means, len(mine)),
                 "learning_rate": learning_rate,
                 "pairs": len(pair_idx),
             }
             row["seconds"] = time.perf_counter() - t0
             train_seconds += row["seconds"]
             pairs_seen += len(pair_idx)
-            # 5d. The KL monitor on held-out prompts, and the falling-log-probs warning.
-            if monitor is not None and (step == 1 or step % cfg.monitor_every == 0 or step == last):
+            # 5d. The KL monitor on held-out prompts (rank 0), and the falling-log-probs warning.
+            if monitor is not None and main and (step == 1 or step % cfg.monitor_every == 0 or step == last):
                 t1 = time.perf_counter()
                 row.update(monitor.run(trunk, reference, reference_on, cfg.seed))
                 row["time_monitor"] = time.perf_counter() - t1
@@ -508,7 +559,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
             now_falling = logps_falling(rows, cfg.falling_window)
             if now_falling:
                 row["alerts"] = [FALLING]
-                if not falling:
+                if not falling and main:
                     console.print(
                         f"[yellow]step {step}: chosen and rejected completions have both been less likely than "
                         f"under the reference for {cfg.falling_window} steps: DPO is lowering the preferred "
@@ -516,23 +567,28 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
                         "--loss-type ipo)[/yellow]"
                     )
             falling = now_falling
-            log.write(row)
-            # 5e. Checkpoint (the last step always).
+            if log is not None:
+                log.write(row)
+            # 5e. Checkpoint (the last step always): rank 0 writes it, with every rank's random state.
             if step == last or (cfg.save_every and step % cfg.save_every == 0):
-                save_checkpoint(
-                    out,
-                    step,
-                    trainable_state(trunk),
-                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                    {"epoch": epoch},
-                    cfg.keep_checkpoints,
-                )
+                rngs = all_rng_states(accelerator, rng_state())
+                if main:
+                    save_checkpoint(
+                        out,
+                        step,
+                        trainable_state(trunk),
+                        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                        {"epoch": epoch},
+                        cfg.keep_checkpoints,
+                        rngs,
+                    )
+                accelerator.wait_for_everyone()
             info = f"loss {row['loss']:.3f} acc {row['accuracy']:.2f} margin {row['margin']:+.3f}"
             progress.update(task, completed=step, info=info)
 
-    # 6. Held-out accuracy and loss; the adapter (or model), metrics.json and the card.
+    # 6. Held-out accuracy and loss; rank 0 writes the adapter (or model), metrics.json and the card.
     metrics: dict[str, Any] = {"steps": step, "epochs": step / steps_per_epoch, "train_pairs": len(train_idx)}
-    metrics.update(held_out_metrics(policy, data, [pair_refs[i] for i in eval_idx], cfg))
+    metrics.update(held_out_metrics(core, data, [pair_refs[i] for i in eval_idx], cfg, accelerator))
     metrics.update(
         {
             "setup_seconds": round(setup_seconds, 2),
@@ -541,20 +597,25 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
             "wall_seconds": round(time.perf_counter() - started, 2),
         }
     )
-    save_policy(trunk, tokenizer, out, cfg.full)
-    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    _write_card(out, cfg, metrics)
+    if main:
+        save_policy(trunk, tokenizer, out, cfg.full)
+        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        _write_card(out, cfg, metrics)
+    accelerator.wait_for_everyone()
     return metrics
 
 
 @torch.no_grad()
-def held_out_metrics(policy: nn.Module, data: PairSequences, pairs: Sequence[tuple[int, int]], cfg: DPOConfig) -> dict:
-    """Held-out loss, accuracy, implicit rewards and the log-prob margin now and under the reference."""
+def held_out_metrics(
+    policy: nn.Module, data: PairSequences, pairs: Sequence[tuple[int, int]], cfg: DPOConfig, accelerator: Any = None
+) -> dict:
+    """Held-out loss, accuracy, implicit rewards and the log-prob margin now and under the reference.
+    ``policy``: the unwrapped ``CompletionLogps``; ``accelerator``: the ranks share the scoring."""
     keys = ("eval_pairs", "eval_accuracy", "eval_loss", "eval_margin", "eval_rewards_chosen", "eval_rewards_rejected")
     if not pairs:
         return {k: (0 if k == "eval_pairs" else None) for k in (*keys, "eval_logp_margin", "eval_ref_logp_margin")}
     seq_idx = [s for pair in pairs for s in pair]
-    logps, ref = data.all_logps(policy, seq_idx), data.ref_logps[seq_idx]
+    logps, ref = data.all_logps(policy, seq_idx, accelerator=accelerator), data.ref_logps[seq_idx]
     sums, ref_sums = logps, ref
     if cfg.loss_type == "ipo":
         logps, ref = logps / data.lengths[seq_idx], ref / data.lengths[seq_idx]
@@ -605,4 +666,7 @@ def _write_card(out: Path, cfg: DPOConfig, metrics: dict[str, Any]) -> None:
 
 def run_dpo(cfg: DPOConfig) -> dict[str, Any]:
     """Start a run, or continue one with ``resume`` (only ``max_steps`` may change); returns its metrics."""
-    return train(open_run(cfg, required=("data", "out"), may_change=("max_steps",)))
+    accelerator = make_accelerator()
+    cfg = open_run(cfg, required=("data", "out"), may_change=("max_steps",), write=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    return train(cfg, accelerator)
