@@ -13,7 +13,9 @@ stderr = Console(stderr=True)
 
 
 def progress_bar(label: str, disable: bool = False) -> Progress:
-    """A bar with a count, a free-form ``info`` field (loss, reward, tokens/s) and elapsed time."""
+    """A bar with a count, a free-form ``info`` field (loss, reward, tokens/s) and elapsed time; shown
+    by rank 0 alone under several processes."""
+    disable = disable or int(os.environ.get("RANK", "0")) != 0
     return Progress(
         TextColumn(f"[bold]{label}"),
         BarColumn(),
