@@ -54,14 +54,6 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    topics = ["the sea", "a city", "music", "a garden", "the moon", "winter", "a train", "bread"]
-    write_jsonl(path, [{"prompt": f"Write one line about {t}."} for t in topics * 4])
-    return path
-
-
 def ppo_flags(prompts: Path, out: Path, steps: int) -> list[str]:
     return [
         "-m", "rlhfkit", "ppo", "--reward", TOKEN_REWARD, "--prompts", str(prompts), "--out", str(out),

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from rlhfkit.data import write_jsonl
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.rl.grpo import GRPOConfig, run_grpo
 from rlhfkit.rl.rloo import RLOOConfig, run_rloo
@@ -20,14 +19,6 @@ ALGOS = {"grpo": (GRPOConfig, run_grpo), "rloo": (RLOOConfig, run_rloo)}
 
 def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    topics = ["the sea", "a city", "music", "a garden", "the moon", "winter", "a train", "bread"]
-    write_jsonl(path, [{"prompt": f"Write one line about {t}."} for t in topics * 4])
-    return path
 
 
 def small_config(algo: str, prompts: Path, out: Path, **overrides: object):

@@ -30,14 +30,6 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    topics = ["the sea", "a city", "music", "a garden", "the moon", "winter", "a train", "bread"]
-    write_jsonl(path, [{"prompt": f"Write one line about {t}."} for t in topics * 4])
-    return path
-
-
 def small_config(prompts: Path, out: Path, **overrides: object) -> PPOConfig:
     settings: dict = dict(
         reward=TOKEN_REWARD,
