@@ -1,5 +1,8 @@
 """Data parallelism on 2 gloo processes on the CPU, each started by torchrun as a user would start it.
 
+The tests that launch several runs each (kill and resume, resume with another process count, FSDP
+runs) are marked slow; CI runs them with the rest of the slow suite.
+
 Kept small (tiny-random, a few steps): every launch pays for two interpreters importing torch.
 """
 
@@ -126,6 +129,7 @@ def test_fsdp2_shards_a_full_fine_tune_and_updates_as_one_process(tmp_path: Path
     assert weights[1, "metrics"]["parameter_shares"] == [1.0]
 
 
+@pytest.mark.slow  # several launches: with the slow suite (CI runs both)
 def test_two_process_ppo_killed_and_resumed_reproduces_a_straight_two_process_run(
     tmp_path: Path, prompts: Path
 ) -> None:
@@ -159,6 +163,7 @@ def test_two_process_ppo_killed_and_resumed_reproduces_a_straight_two_process_ru
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
 
 
+@pytest.mark.slow  # several launches: with the slow suite (CI runs both)
 def test_resuming_with_another_number_of_processes_is_refused(tmp_path: Path, prompts: Path) -> None:
     out = tmp_path / "run"
     run(torchrun(2, *ppo_flags(prompts, out, 2)))
@@ -300,6 +305,7 @@ def test_two_process_dpo_matches_one_process(dpo_runs: dict[int, Path]) -> None:
     assert (dpo_runs[2] / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow  # several launches: with the slow suite (CI runs both)
 def test_two_process_dpo_stopped_and_resumed_reproduces_a_straight_run(
     tmp_path: Path, pairs: Path, dpo_runs: dict[int, Path]
 ) -> None:
