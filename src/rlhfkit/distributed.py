@@ -58,14 +58,6 @@ def make_accelerator(find_unused_parameters: bool = False) -> Any:
     return accelerator
 
 
-def rank_share(items: Sequence[T], rank: int, world: int, what: str = "--batch-size") -> list[T]:
-    """This rank's contiguous share of a global batch; the batch must split evenly (a clear error if not)."""
-    if len(items) % world:
-        raise RlhfkitError(f"{what} {len(items)} does not split over {world} processes: use a multiple of {world}")
-    size = len(items) // world
-    return list(items[rank * size : (rank + 1) * size])
-
-
 def rank_slice(n: int, rank: int, world: int, what: str = "--batch-size") -> slice:
     """This rank's contiguous near-equal share of ``n`` rows, rank 0's first (the first ``n % world``
     ranks take one more): for batches that need not split evenly, such as an epoch's last. Every rank

@@ -28,7 +28,7 @@ from torch import nn
 from rlhfkit.console import progress_bar
 from rlhfkit.data import Prompt, write_text_atomic
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.models import format_prompt, model_device
+from rlhfkit.models import format_prompt, model_device, model_dtype
 
 
 @dataclass
@@ -303,7 +303,7 @@ class BatchJournal:
         if model is not None:
             device = model_device(model)
             header["device"] = device.type
-            header["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+            header["dtype"] = str(model_dtype(model)).removeprefix("torch.")
             self.cuda = device if device.type == "cuda" else None
         self.path = Path(path) if path is not None else None
         self.done = _read_journal(self.path, header) if self.path is not None else []

@@ -264,6 +264,11 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of ``model``'s weights (what a second model beside it is loaded in)."""
+    return next(model.parameters()).dtype
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Dropout modules and the dropout rates attention layers copied from the config at init."""
     for module in model.modules():

@@ -36,7 +36,7 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.evaluation.fluency import SCORER, Nll, completion_nll, corpus_ppl
 from rlhfkit.generation import BatchJournal, SamplingParams, encode_prompts, left_pad, sample_batch
 from rlhfkit.judges import distinct_n, is_deflection, load_judge, toxicity
-from rlhfkit.models import final_hidden, load_causal_lm, load_tokenizer, model_device
+from rlhfkit.models import final_hidden, load_causal_lm, load_tokenizer, model_device, model_dtype
 from rlhfkit.reward import load_reward_model, score_texts
 from rlhfkit.rl.roles import response_logprobs
 
@@ -92,7 +92,7 @@ def tuned_models(
     its base layer's device). A full fine-tune (``model/``) is a model of its own, loaded on
     ``model``'s device in its dtype.
     """
-    device, dtype = model_device(model), next(model.parameters()).dtype
+    device, dtype = model_device(model), model_dtype(model)
     tuned: dict[str, tuple[torch.nn.Module, Callable[[], AbstractContextManager]]] = {}
     wrapper = None
     for name, folder in run_dirs.items():
@@ -223,7 +223,7 @@ def _score_fluency(
     started = time.perf_counter()
     model, tokenizer, view, note = base_model, base_tokenizer, base_view, ""
     if scorer_name != base:
-        device, dtype = model_device(base_model), next(base_model.parameters()).dtype
+        device, dtype = model_device(base_model), model_dtype(base_model)
         try:
             tokenizer, model = load_tokenizer(scorer_name), load_causal_lm(scorer_name, dtype, device)
             view = nullcontext

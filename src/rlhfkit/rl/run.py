@@ -46,7 +46,7 @@ from rlhfkit.distributed import (
     mean_over_ranks,
     optimizer_state,
     rank_seed,
-    rank_share,
+    rank_slice,
     root_gathered,
     shard,
 )
@@ -273,7 +273,8 @@ class OnlineTrainer:
 
     def take_prompts(self) -> list[int]:
         """This rank's share of the next ``batch_size`` prompts (every rank draws the same global batch)."""
-        return rank_share(self.stream.take(self.cfg.batch_size), self.accelerator.process_index, self.world)
+        share = rank_slice(self.cfg.batch_size, self.accelerator.process_index, self.world)  # even: checked at start
+        return self.stream.take(self.cfg.batch_size)[share]
 
     def rollout(self, prompt_idx: Sequence[int]) -> tuple[Rollout, dict[str, float]]:
         """``group_size`` completions for each prompt, scored, with every log-prob (and value) kept."""
@@ -556,7 +557,7 @@ class OnlineTrainer:
 
     def trainable_weights(self) -> dict[str, torch.Tensor]:
         """The trained weights whole (sharded ones gathered: every rank calls; rank 0 gets them)."""
-        return full_state(self.core, set(trainable_state(self.core)))
+        return full_state(self.core, {name for name, p in self.core.named_parameters() if p.requires_grad})
 
     def save_checkpoint(self) -> None:
         """Rank 0 writes the weights and optimizer (whole: the same on every rank, or gathered from the
