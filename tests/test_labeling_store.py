@@ -93,7 +93,7 @@ def test_import_is_idempotent_and_extends_prompts(store: LabelStore) -> None:
     # A new completion for a known prompt pairs with the ones already there (and a new model is kept).
     more = store.import_candidates([CandidateRecord("Tell a joke", ["j1", "j4"], "m2")])
     assert (more.prompts_added, more.completions_added, more.pairs_added, more.pairs_total) == (0, 1, 3, 7)
-    assert store.counts() == {"prompts": 3, "completions": 7, "pairs": 7}
+    assert store.counts() == {"prompts": 3, "completions": 7, "pairs": 7, "gold_pairs": 0}
 
 
 def test_chat_prompt_round_trips_and_sides_are_random_but_stored(store: LabelStore) -> None:

@@ -103,6 +103,104 @@ def position_bias(choices: Iterable[str]) -> dict[str, Any]:
     }
 
 
+FAST_WORDS_PER_MINUTE = 1000.0
+"""A labeler whose median task goes faster than this is flagged: skimming runs at about 700 words a
+minute, so faster than 1000 means not reading the prompt and the completions at all."""
+ONE_SIDE_SHARE = 0.9
+"""A labeler who picks the same side (A, or the one shown higher) in this share of decisions is flagged."""
+MIN_FLAG_TASKS = 10
+"""Flags need this many timed tasks (or A/B decisions): fewer say nothing about a labeler."""
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _median(values: Sequence[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def reading_speeds(labels: Sequence[Any]) -> dict[str, list[float]]:
+    """Per labeler, words per minute of each timed task (a pair, or a whole ranking): the words of
+    the prompt and every completion shown, over the seconds from showing it to the answer."""
+    from rlhfkit.data import prompt_text
+
+    tasks: dict[tuple[str, Any], dict[str, Any]] = {}
+    for r in labels:
+        if r.seconds is None:
+            continue
+        key = (r.labeler, ("r", r.ranking_id) if r.ranking_id is not None else ("l", r.label_id))
+        task = tasks.setdefault(key, {"seconds": r.seconds, "prompt": prompt_text(r.prompt), "texts": {}})
+        task["texts"].update({r.first: None, r.second: None})
+    speeds: dict[str, list[float]] = defaultdict(list)
+    for (name, _), task in tasks.items():
+        words = _words(task["prompt"]) + sum(_words(t) for t in task["texts"])
+        speeds[name].append(60.0 * words / max(task["seconds"], 0.05))
+    return speeds
+
+
+def labeler_quality(
+    labels: Sequence[Any], gold_labels: Sequence[Any] = (), judge: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per labeler: gold accuracy, agreement and Cohen's kappa with the others' majority on shared
+    pairs, agreement with the judge, median words per minute, side preference, and flags."""
+    from rlhfkit.labeling.store import gold_accuracy, majority
+
+    outcomes: dict[int, dict[str, str]] = defaultdict(dict)  # pair -> labeler -> decided outcome
+    for r in labels:
+        if r.outcome != "skip":
+            outcomes[r.pair_id][r.labeler] = r.outcome
+    gold = gold_accuracy(gold_labels)
+    speeds = reading_speeds(labels)
+    names = sorted({r.labeler for r in labels} | set(gold))
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        mine, others = [], []
+        for votes in outcomes.values():
+            if name not in votes:
+                continue
+            winner, _ = majority([v for who, v in votes.items() if who != name])
+            if winner is not None:
+                mine.append(votes[name])
+                others.append(winner)
+        judged = [
+            r.outcome == r.judge_outcome
+            for r in labels
+            if r.labeler == name and r.outcome in ("first", "second") and r.judge_outcome in ("first", "second")
+        ]
+        sides = [r.choice for r in labels if r.labeler == name and r.choice in ("a", "b")]
+        speed = _median(speeds.get(name, []))
+        flags = []
+        if speed is not None and len(speeds[name]) >= MIN_FLAG_TASKS and speed > FAST_WORDS_PER_MINUTE:
+            flags.append(f"faster than reading: median {speed:.0f} words/min over {len(speeds[name])} tasks")
+        if len(sides) >= MIN_FLAG_TASKS:
+            left = sides.count("a") / len(sides)
+            if max(left, 1 - left) >= ONE_SIDE_SHARE:
+                side = "A (left or higher)" if left >= 0.5 else "B (right or lower)"
+                flags.append(f"picks {side} in {max(left, 1 - left):.0%} of {len(sides)} decisions")
+        accuracy = gold.get(name, {})
+        out[name] = {
+            "gold_answered": accuracy.get("answered", 0),
+            "gold_correct": accuracy.get("correct", 0),
+            "gold_accuracy": accuracy.get("accuracy"),
+            "shared_with_others": len(mine),
+            "agreement_with_others": sum(a == b for a, b in zip(mine, others, strict=True)) / len(mine)
+            if mine
+            else None,
+            "kappa_with_others": cohen_kappa(mine, others) if mine else None,
+            "judge_pairs": len(judged) if judge else 0,
+            "judge_agreement": sum(judged) / len(judged) if judge and judged else None,
+            "median_words_per_minute": speed,
+            "left_share": sides.count("a") / len(sides) if sides else None,
+            "flags": flags,
+        }
+    return out
+
+
 def summarize(
     labels: Sequence[Any],
     *,
@@ -110,11 +208,16 @@ def summarize(
     overlap: int,
     labelers: Sequence[str] = (),
     revoked: Iterable[str] = (),
+    gold_labels: Sequence[Any] = (),
+    judge: str | None = None,
+    mode: str = "pair",
 ) -> dict[str, Any]:
-    """Progress, labels per labeler, agreement on shared pairs and position bias.
+    """Progress, labels per labeler with their quality checks, agreement on shared pairs and position bias.
 
     ``labels`` are live labels with ``pair_id``, ``labeler``, ``choice`` (a/b/tie/skip as shown),
-    ``outcome`` (first/second/tie/skip in the pair's own order) and ``created_at``.
+    ``outcome`` (first/second/tie/skip in the pair's own order), ``created_at``, and the optional
+    ``strength``, ``seconds``, ``ranking_id`` and ``judge_outcome``; ``gold_labels`` the same for gold
+    pairs (with ``gold``, the right outcome).
     """
     revoked = set(revoked)
     by_choice = Counter(r.choice for r in labels)
@@ -144,11 +247,18 @@ def summarize(
             )
     kappas = [c["kappa"] for c in cohen if c["kappa"] is not None]
     complete = sum(len(v) >= overlap for v in decided.values())
+    quality = labeler_quality(labels, gold_labels, judge)
+    by_strength = Counter(r.strength for r in labels if r.strength)
     return {
+        "mode": mode,
         "pairs": total_pairs,
         "overlap": overlap,
         "labels": len(labels),
+        "rankings": len({r.ranking_id for r in labels if r.ranking_id is not None}),
         "by_choice": {c: by_choice[c] for c in ("a", "b", "tie", "skip")},
+        "by_strength": {s: by_strength[s] for s in ("much", "slightly")},
+        "judge": judge,
+        "gold_labels": sum(1 for r in gold_labels if r.outcome != "skip"),
         "pairs_labelled": len(decided),
         "pairs_complete": complete,
         "progress": complete / total_pairs if total_pairs else None,
@@ -159,6 +269,7 @@ def summarize(
                 **{c: counts[c] for c in ("a", "b", "tie", "skip")},
                 "revoked": name in revoked,
                 "last_label_at": last.get(name),
+                **quality.get(name, _no_quality()),
             }
             for name, counts in per_labeler.items()
         ],
@@ -170,4 +281,21 @@ def summarize(
             "cohen": cohen,
         },
         "position_bias": position_bias(r.choice for r in labels),
+    }
+
+
+def _no_quality() -> dict[str, Any]:
+    """A labeler with no labels yet: every quality number empty."""
+    return {
+        "gold_answered": 0,
+        "gold_correct": 0,
+        "gold_accuracy": None,
+        "shared_with_others": 0,
+        "agreement_with_others": None,
+        "kappa_with_others": None,
+        "judge_pairs": 0,
+        "judge_agreement": None,
+        "median_words_per_minute": None,
+        "left_share": None,
+        "flags": [],
     }
