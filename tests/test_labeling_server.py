@@ -87,7 +87,7 @@ def test_every_api_call_needs_a_valid_bearer_token(project: tuple[LabelStore, Te
 def test_label_flow_until_done_then_204(project: tuple[LabelStore, TestClient, dict[str, str]]) -> None:
     store, client, tokens = project
     ann = auth(tokens["ann"])
-    assert client.get("/api/progress", headers=ann).json() == {"labeler": "ann", "done": 0, "remaining": 6}
+    assert client.get("/api/progress", headers=ann).json() == {"labeler": "ann", "mode": "pair", "done": 0, "remaining": 6}
     given = []
     while True:
         response = client.get("/api/next", headers=ann)
@@ -96,7 +96,7 @@ def test_label_flow_until_done_then_204(project: tuple[LabelStore, TestClient, d
             break
         assert response.status_code == 200
         pair = response.json()
-        assert set(pair) == {"pair_id", "prompt", "a", "b", "progress"}
+        assert set(pair) == {"kind", "pair_id", "prompt", "a", "b", "progress"}
         assert pair["prompt"].startswith("prompt ") and pair["a"] != pair["b"]
         assert client.get("/api/next", headers=ann).json()["pair_id"] == pair["pair_id"]  # reload: same pair
         choice = "ab"[len(given) % 2]

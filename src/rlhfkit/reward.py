@@ -29,6 +29,9 @@ Recipe features and limits:
   the all-reduced gradient is that of the whole batch's mean; the logged numbers are whole-batch
   means. The lower-layer cache, the probe and the held-out scores are computed on every rank (the
   same numbers); rank 0 alone writes the directory.
+- Active selection: ``pair_uncertainty`` / ``reward_dir_uncertainty`` give ``|P(a > b) - 0.5|`` per
+  pair under a reward model, the order ``rlhf label serve --select uncertain`` serves pairs in
+  (measured against random order by ``bench/active_labeling.py``).
 """
 
 from __future__ import annotations
@@ -342,6 +345,8 @@ class RewardModelDir:
     metrics: dict
     head: nn.Linear
     pooling: str = "last"
+    max_length: int = 256
+    """The longest prompt+completion it was trained on (``config.yaml``); scoring cuts at the same length."""
 
     @property
     def score_mean(self) -> float:
@@ -382,7 +387,8 @@ def read_reward_dir(path: str | Path) -> RewardModelDir:
     pooling = str(cfg.get("pooling") or "last")
     if pooling not in POOLINGS:
         raise RlhfkitError(f"{folder}/config.yaml: pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
-    return RewardModelDir(folder, str(cfg.get("model", "")), kind, metrics, head, pooling)
+    max_length = int(cfg.get("max_length") or 256)
+    return RewardModelDir(folder, str(cfg.get("model", "")), kind, metrics, head, pooling, max_length)
 
 
 def load_reward_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[RewardModel, object, dict]:
@@ -469,6 +475,54 @@ def score_texts(
     ]
     rows, starts = [r for r, _ in joined], [s for _, s in joined]
     return score_sequences(model, rows, tokenizer.pad_token_id, batch_size, starts)
+
+
+def preference_uncertainty(first: Sequence[float], second: Sequence[float]) -> list[float]:
+    """``|P(first > second) - 0.5|`` per pair of reward scores, ``P = sigmoid(r_first - r_second)``
+    (Bradley-Terry): 0 for a coin flip, near 0.5 for a sure call. Computed as ``|tanh(d / 2)| / 2``,
+    the same number, which cannot overflow."""
+    return [abs(math.tanh((a - b) / 2)) / 2 for a, b in zip(first, second, strict=True)]
+
+
+def pair_uncertainty(
+    model: RewardModel,
+    tokenizer,
+    pairs: Sequence[tuple[Prompt, str, str]],
+    max_length: int = 256,
+    batch_size: int = 16,
+) -> list[float]:
+    """How unsure the reward model is about each (prompt, first, second): ``preference_uncertainty``
+    of their scores (``score_texts``), every distinct (prompt, completion) scored once. Active
+    selection (``rlhf label serve --select uncertain``) asks people about the smallest values first."""
+    index: dict[tuple[str, str], int] = {}
+    prompts: list[Prompt] = []
+    texts: list[str] = []
+    refs: list[tuple[int, int]] = []
+    for prompt, first, second in pairs:
+        key = json.dumps(prompt, sort_keys=True)
+        ref = []
+        for text in (first, second):
+            if (key, text) not in index:
+                index[key, text] = len(texts)
+                prompts.append(prompt)
+                texts.append(text)
+            ref.append(index[key, text])
+        refs.append((ref[0], ref[1]))
+    scores = score_texts(model, tokenizer, prompts, texts, max_length, batch_size) if texts else []
+    return preference_uncertainty([scores[i] for i, _ in refs], [scores[j] for _, j in refs])
+
+
+def reward_dir_uncertainty(
+    path: str | Path,
+    pairs: Sequence[tuple[Prompt, str, str]],
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+) -> list[float]:
+    """``pair_uncertainty`` under the reward model in directory ``path`` (as ``rlhf reward train``
+    wrote it), cut at the ``max_length`` it was trained with."""
+    info = read_reward_dir(path)
+    model, tokenizer, _ = load_reward_model(path, device)
+    return pair_uncertainty(model, tokenizer, pairs, info.max_length, batch_size)
 
 
 def evaluate_pairs(

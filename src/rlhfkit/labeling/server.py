@@ -9,10 +9,16 @@ Routes:
     GET  /                   labeling page (open with ``#token=...``)
     GET  /admin              admin page (``#token=ADMIN``): live ``label stats``
     GET  /healthz            liveness, no token
-    GET  /api/next           200 {pair_id, prompt, a, b, progress, messages?} or 204 when done
-    POST /api/label          {pair_id, choice: a|b|tie|skip, note?} -> 200; 409 not assigned; 422 bad body
-    POST /api/undo           withdraw this labeler's last label; its pair comes back next; 409 if none
-    GET  /api/progress       {labeler, done, remaining}
+    GET  /api/guidelines     {sha256, html, acknowledged}: the campaign's criteria as sanitised HTML
+    POST /api/acknowledge    {sha256} -> 200; 409 when the guidelines changed meanwhile
+    GET  /api/next           pair mode: 200 {kind: "pair", pair_id, prompt, a, b, progress, messages?};
+                             rank mode: 200 {kind: "rank", prompt_id, prompt, completions: [{id, text}], ...};
+                             204 when done; 428 until the current guidelines are acknowledged
+    POST /api/label          {pair_id, choice: a|b|tie|skip, strength?: much|slightly, note?} -> 200;
+                             409 not assigned or wrong mode; 422 bad body; 428 guidelines not acknowledged
+    POST /api/rank           {prompt_id, order: [completion ids, best first], note?} -> 200; same errors
+    POST /api/undo           withdraw this labeler's last label (or ranking); it comes back next; 409 if none
+    GET  /api/progress       {labeler, done, remaining, mode}
     GET  /api/admin/stats    statistics (admin token; a labeler's token gets 403)
     GET  /api/admin/labelers labelers and their label counts
 """
@@ -37,11 +43,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from rlhfkit.data import prompt_text
 from rlhfkit.labeling.store import (
     MAX_NOTE_CHARS,
+    MAX_RANK_COMPLETIONS,
     AlreadyLabeledError,
+    BadRankingError,
+    GuidelinesChangedError,
+    GuidelinesNotAcknowledgedError,
     Labeler,
     LabelStore,
     NotAssignedError,
     NothingToUndoError,
+    PairView,
+    WrongModeError,
 )
 from rlhfkit.web import BodyLimit, unreadable_body
 
@@ -69,10 +81,25 @@ class Progress(BaseModel):
 
 
 class NextPair(BaseModel):
+    kind: Literal["pair"] = "pair"
     pair_id: int
     prompt: str = Field(description="the prompt as text (a conversation joined by roles)")
     a: str
     b: str
+    progress: Progress
+    messages: list[dict[str, Any]] | None = Field(None, description="the conversation, when the prompt is one")
+
+
+class Completion(BaseModel):
+    id: int
+    text: str
+
+
+class NextRanking(BaseModel):
+    kind: Literal["rank"] = "rank"
+    prompt_id: int
+    prompt: str = Field(description="the prompt as text (a conversation joined by roles)")
+    completions: list[Completion] = Field(description="in the order shown; rank them by id, best first")
     progress: Progress
     messages: list[dict[str, Any]] | None = Field(None, description="the conversation, when the prompt is one")
 
@@ -84,11 +111,23 @@ class LabelResult(BaseModel):
     progress: Progress
 
 
+class RankResult(BaseModel):
+    ok: bool
+    ranking_id: int
+    duplicate: bool = Field(description="true: the very same ranking was already stored (a retried request)")
+    progress: Progress
+
+
 class UndoneLabel(BaseModel):
-    label_id: int
-    pair_id: int
-    choice: str
+    kind: Literal["pair", "rank"]
     note: str | None
+    label_id: int | None = None
+    pair_id: int | None = None
+    choice: str | None = None
+    strength: str | None = None
+    ranking_id: int | None = None
+    prompt_id: int | None = None
+    order: list[int] | None = None
 
 
 class UndoResult(BaseModel):
@@ -99,6 +138,19 @@ class UndoResult(BaseModel):
 
 class LabelerProgress(Progress):
     labeler: str
+    mode: str = Field(description="pair: pick the better of two; rank: order all completions of a prompt")
+
+
+class Guidelines(BaseModel):
+    sha256: str | None = Field(description="hash of the guidelines' Markdown; null when there are none")
+    html: str = Field(description="the guidelines rendered from Markdown and sanitised (raw HTML is never kept)")
+    acknowledged: bool
+
+
+class AcknowledgeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    sha256: str = Field(min_length=64, max_length=64, description="sha256 from GET /api/guidelines")
 
 
 class LabelerRow(BaseModel):
@@ -114,9 +166,10 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     meaning = {
         401: "missing, malformed or unknown token",
         403: "a token of the wrong role",
-        409: "the pair is not assigned to this labeler, or nothing to undo",
+        409: "not assigned to this labeler, already labelled, the other mode, changed guidelines, or nothing to undo",
         413: "body over the size limit",
         422: "body is not what the route expects (or not UTF-8 JSON at all)",
+        428: "the current guidelines must be acknowledged first",
     }
     return {status: {"model": Detail, "description": meaning[status]} for status in statuses}
 
@@ -131,7 +184,36 @@ class LabelRequest(BaseModel):
 
     pair_id: int = Field(ge=1, le=2**63 - 1, description="pair_id from GET /api/next")
     choice: Literal["a", "b", "tie", "skip"] = Field(description="a: left better, b: right better")
+    strength: Literal["much", "slightly"] | None = Field(
+        default=None, description="how much better the chosen one is (only with a or b)"
+    )
     note: str | None = Field(default=None, max_length=MAX_NOTE_CHARS, description="optional free text")
+
+
+class RankRequest(BaseModel):
+    """Body of ``POST /api/rank``: the task's completion ids, best first."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt_id: int = Field(ge=1, le=2**63 - 1, description="prompt_id from GET /api/next")
+    order: list[int] = Field(min_length=2, max_length=MAX_RANK_COMPLETIONS, description="completion ids, best first")
+    note: str | None = Field(default=None, max_length=MAX_NOTE_CHARS, description="optional free text")
+
+
+GUIDELINE_TAGS = {
+    "h1", "h2", "h3", "h4", "h5", "h6", "p", "ul", "ol", "li", "strong", "em", "code", "pre", "blockquote",
+    "a", "hr", "br", "del", "s", "table", "thead", "tbody", "tr", "th", "td",
+}  # fmt: skip
+
+
+def render_guidelines(markdown: str) -> str:
+    """Markdown to HTML with raw HTML escaped (markdown-it, ``html`` off), then an allow-list sanitiser
+    (nh3): no script, no event handler, no ``javascript:`` link can come out, whatever the file holds."""
+    import markdown_it
+    import nh3
+
+    html = markdown_it.MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
+    return nh3.clean(html, tags=GUIDELINE_TAGS, attributes={"a": {"href", "title"}}, url_schemes={"http", "https"})
 
 
 def _csp(html: str) -> str:
@@ -243,36 +325,84 @@ def create_app(
     def healthz() -> dict[str, bool]:
         return {"ok": True}
 
+    @app.get("/api/guidelines", response_model=Guidelines, responses=_errors(*AUTH_ERRORS))
+    def get_guidelines(labeler: Labeler = Depends(current_labeler)) -> dict[str, Any]:
+        markdown, digest = store.guidelines()
+        return {
+            "sha256": digest,
+            "html": render_guidelines(markdown) if markdown else "",
+            "acknowledged": store.has_acknowledged(labeler),
+        }
+
+    @app.post("/api/acknowledge", responses=_errors(*AUTH_ERRORS, 409, 413, 422))
+    def post_acknowledge(body: AcknowledgeRequest, labeler: Labeler = Depends(current_labeler)) -> dict[str, bool]:
+        try:
+            store.acknowledge(labeler, body.sha256)
+        except GuidelinesChangedError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return {"ok": True}
+
     @app.get(
         "/api/next",
-        response_model=NextPair,
+        response_model=NextPair | NextRanking,
         response_model_exclude_none=True,  # "messages" only when the prompt is a conversation
-        responses={204: {"description": "nothing left for this labeler"}, **_errors(*AUTH_ERRORS)},
+        responses={204: {"description": "nothing left for this labeler"}, **_errors(*AUTH_ERRORS, 428)},
     )
-    def next_pair(labeler: Labeler = Depends(current_labeler)) -> Any:
-        view = store.next_pair(labeler, lease_seconds)
+    def next_task(labeler: Labeler = Depends(current_labeler)) -> Any:
+        if not store.has_acknowledged(labeler):
+            raise HTTPException(428, "read and acknowledge the labeling guidelines first")
+        view = (
+            store.next_ranking(labeler, lease_seconds)
+            if store.mode == "rank"
+            else store.next_pair(labeler, lease_seconds)
+        )
         if view is None:
             return Response(status_code=204)
-        body: dict[str, Any] = {
-            "pair_id": view.pair_id,
-            "prompt": prompt_text(view.prompt),
-            "a": view.a,
-            "b": view.b,
-            "progress": store.progress(labeler, lease_seconds),
-        }
+        body: dict[str, Any] = {"prompt": prompt_text(view.prompt), "progress": store.progress(labeler, lease_seconds)}
+        if isinstance(view, PairView):
+            body.update(kind="pair", pair_id=view.pair_id, a=view.a, b=view.b)
+        else:
+            body.update(
+                kind="rank", prompt_id=view.prompt_id, completions=[{"id": i, "text": t} for i, t in view.completions]
+            )
         if isinstance(view.prompt, list):
             body["messages"] = view.prompt
         return body
 
-    @app.post("/api/label", response_model=LabelResult, responses=_errors(*AUTH_ERRORS, 409, 413, 422))
+    def refused(exc: Exception) -> HTTPException:
+        """The HTTP error for a label the store refused."""
+        if isinstance(exc, GuidelinesNotAcknowledgedError):
+            return HTTPException(428, str(exc))
+        if isinstance(exc, BadRankingError):
+            return HTTPException(422, str(exc))
+        return HTTPException(409, str(exc))
+
+    label_errors = (NotAssignedError, AlreadyLabeledError, WrongModeError, GuidelinesNotAcknowledgedError)
+
+    @app.post("/api/label", response_model=LabelResult, responses=_errors(*AUTH_ERRORS, 409, 413, 422, 428))
     def post_label(body: LabelRequest, labeler: Labeler = Depends(current_labeler)) -> dict[str, Any]:
+        if body.strength is not None and body.choice not in ("a", "b"):
+            raise HTTPException(422, "strength: only with choice a or b")
         try:
-            label_id, created = store.add_label(labeler, body.pair_id, body.choice, body.note)
-        except (NotAssignedError, AlreadyLabeledError) as exc:
-            raise HTTPException(409, str(exc)) from None
+            label_id, created = store.add_label(labeler, body.pair_id, body.choice, body.note, body.strength)
+        except label_errors as exc:
+            raise refused(exc) from None
         return {
             "ok": True,
             "label_id": label_id,
+            "duplicate": not created,
+            "progress": store.progress(labeler, lease_seconds),
+        }
+
+    @app.post("/api/rank", response_model=RankResult, responses=_errors(*AUTH_ERRORS, 409, 413, 422, 428))
+    def post_rank(body: RankRequest, labeler: Labeler = Depends(current_labeler)) -> dict[str, Any]:
+        try:
+            ranking_id, created = store.add_ranking(labeler, body.prompt_id, body.order, body.note)
+        except (*label_errors, BadRankingError) as exc:
+            raise refused(exc) from None
+        return {
+            "ok": True,
+            "ranking_id": ranking_id,
             "duplicate": not created,
             "progress": store.progress(labeler, lease_seconds),
         }
@@ -287,7 +417,7 @@ def create_app(
 
     @app.get("/api/progress", response_model=LabelerProgress, responses=_errors(*AUTH_ERRORS))
     def get_progress(labeler: Labeler = Depends(current_labeler)) -> dict[str, Any]:
-        return {"labeler": labeler.name, **store.progress(labeler, lease_seconds)}
+        return {"labeler": labeler.name, "mode": store.mode, **store.progress(labeler, lease_seconds)}
 
     @app.get("/api/admin/stats", dependencies=[Depends(current_admin)], responses=_errors(*AUTH_ERRORS))
     def admin_stats() -> dict[str, Any]:
