@@ -104,7 +104,7 @@ def test_label_flow_until_done_then_204(project: tuple[LabelStore, TestClient, d
         assert response.status_code == 200 and response.json()["duplicate"] is False
         given.append((pair, choice))
     assert len(given) == 6
-    assert client.get("/api/progress", headers=ann).json() == {"labeler": "ann", "done": 6, "remaining": 0}
+    assert client.get("/api/progress", headers=ann).json() == {"labeler": "ann", "mode": "pair", "done": 6, "remaining": 0}
     assert client.get("/api/next", headers=auth(tokens["bob"])).status_code == 204  # overlap 1: nothing for bob
     rows, _ = export_rows(store, "trl")
     assert [(r["chosen"], r["rejected"]) for r in rows] == [
