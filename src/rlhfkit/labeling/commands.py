@@ -48,6 +48,34 @@ class LabelServeConfig:
         30.0,
         "Minutes a shown but unlabelled pair stays reserved for its labeler before others may get it (0: for ever).",
     )
+    guidelines: str = option(
+        "",
+        "Markdown file of the campaign's criteria: shown on the page (raw HTML is never rendered); each labeler "
+        "acknowledges every new version before labeling; its sha256 goes with every label into the export. "
+        "Empty: keep the stored guidelines.",
+    )
+    mode: str = option(
+        "",
+        "pair: pick the better of two completions (with how much better); rank: order all of a prompt's "
+        "completions, exported as its K(K-1)/2 pairs. Empty: keep the stored mode (pair at first).",
+    )
+    select: str = option(
+        "",
+        "Order of new pairs: order (as imported), random, or uncertain (the --reward-model's least sure pairs "
+        "first, |P(a > b) - 0.5| smallest, the rest at random). Empty: keep the stored order (order at first).",
+    )
+    reward_model: str = option("", "Reward model directory that scores every pair for --select uncertain.")
+    gold: str = option(
+        "",
+        "Preference JSONL of gold pairs (known answers) mixed into each labeler's pairs; they measure labelers "
+        "and are never exported.",
+    )
+    gold_rate: float = option(0.1, "Share of a labeler's new pairs that are gold pairs (while unseen ones remain).")
+    judge: str = option(
+        "",
+        "Judge (built-in name, module:function or file.py:function) whose order each labeler's labels are "
+        "compared with in the statistics; it scores every completion once at start.",
+    )
 
     def __post_init__(self) -> None:
         if self.overlap < 1:
@@ -56,6 +84,16 @@ class LabelServeConfig:
             raise ValueError(f"port must be 1 to 65535, got {self.port}")
         if self.lease_minutes < 0:
             raise ValueError(f"lease_minutes must be >= 0, got {self.lease_minutes}")
+        if self.mode not in ("", "pair", "rank"):
+            raise ValueError(f"mode must be pair or rank, got {self.mode!r}")
+        if self.select not in ("", "order", "random", "uncertain"):
+            raise ValueError(f"select must be order, random or uncertain, got {self.select!r}")
+        if self.select == "uncertain" and not self.reward_model:
+            raise ValueError("--select uncertain needs --reward-model DIR (the reward model that scores the pairs)")
+        if self.reward_model and self.select != "uncertain":
+            raise ValueError("--reward-model is only used with --select uncertain")
+        if not 0.0 <= self.gold_rate < 1.0:
+            raise ValueError(f"gold_rate must be in [0, 1), got {self.gold_rate}")
 
 
 def prepare_serve(cfg: LabelServeConfig) -> dict[str, Any]:
@@ -81,6 +119,26 @@ def prepare_serve(cfg: LabelServeConfig) -> dict[str, Any]:
         hint = "" if cfg.candidates else "; pass --candidates FILE"
         raise RlhfkitError(f"{cfg.db}: no pairs to label (every prompt needs two different completions){hint}")
     store.set_overlap(cfg.overlap)
+    if (cfg.mode or store.mode) == "rank" and (cfg.gold or counts["gold_pairs"]):
+        raise RlhfkitError("gold pairs are served in pair mode only (a gold 'ranking' of two would stand out)")
+    if cfg.mode:
+        store.set_mode(cfg.mode)
+    if cfg.guidelines:
+        summary["guidelines sha256"] = store.set_guidelines(_read_text(cfg.guidelines))[:12]
+    if cfg.gold:
+        from rlhfkit.data import load_preferences
+
+        summary["gold pairs added"] = store.import_gold(load_preferences(cfg.gold), source=cfg.gold)
+    if store.counts()["gold_pairs"]:
+        store.set_gold_rate(cfg.gold_rate)
+        summary["gold rate"] = cfg.gold_rate
+    if cfg.select:
+        store.set_select(cfg.select)
+    if cfg.reward_model:
+        summary["pairs scored by the reward model"] = score_uncertainty(store, cfg.reward_model)
+    if cfg.judge:
+        summary[f"completions scored by {cfg.judge}"] = score_with_judge(store, cfg.judge)
+    summary.update({"mode": store.mode, "select": store.select})
     admin_token = None
     if cfg.admin_token:
         store.set_admin_token(cfg.admin_token)
@@ -98,6 +156,40 @@ def prepare_serve(cfg: LabelServeConfig) -> dict[str, Any]:
         }
     )
     return {"store": store, "summary": summary, "new_admin_token": admin_token}
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RlhfkitError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RlhfkitError(f"{path}: cannot read it as UTF-8 text ({exc})") from None
+
+
+def score_uncertainty(store: Any, reward_model: str) -> int:
+    """Score every pair to label with a reward model: ``|P(first > second) - 0.5|`` for ``--select uncertain``.
+
+    This command module is wiring, like ``cli``: it may call the reward stage; the store never does.
+    """
+    from rlhfkit.reward import pair_uncertainty_from_dir
+
+    pairs = store.pairs_to_score()
+    values = pair_uncertainty_from_dir(reward_model, [(prompt, a, b) for _, prompt, a, b in pairs])
+    store.set_uncertainty({pair_id: value for (pair_id, *_), value in zip(pairs, values, strict=True)})
+    return len(pairs)
+
+
+def score_with_judge(store: Any, spec: str) -> int:
+    """Score the completions the judge has not scored yet and store them; returns how many were scored."""
+    from rlhfkit.data import prompt_text
+    from rlhfkit.judges import load_judge
+
+    judge = load_judge(spec)
+    todo = store.completions_to_judge(judge.name)
+    scores = judge([prompt_text(prompt) for _, prompt, _ in todo], [text for *_, text in todo]) if todo else []
+    store.set_judge_scores(judge.name, {cid: score for (cid, *_), score in zip(todo, scores, strict=True)})
+    return len(todo)
 
 
 def _base_url(host: str, port: int) -> str:
@@ -203,6 +295,11 @@ class LabelExportConfig:
     min_labels: int = option(1, "Keep only pairs with at least this many decided (a/b/tie) labels.")
     include_ties: bool = option(False, 'Also write ties (trl only; marked "tie": true, kept in the pair\'s order).')
     include_skips: bool = option(False, 'Also write skips (trl only, not with majority; marked "skip": true).')
+    min_gold_accuracy: float | None = option(
+        None, "Leave out every label of labelers whose gold-pair accuracy is below this (or who answered none)."
+    )
+    margin_much: float = option(1.0, "Bradley-Terry margin of a 'much better' label (Llama 2's scale: 1).")
+    margin_slightly: float = option(1 / 3, "Bradley-Terry margin of a 'slightly better' label (Llama 2's scale: 1/3).")
 
     def __post_init__(self) -> None:
         if self.format not in ("trl", "vertex"):
@@ -213,6 +310,10 @@ class LabelExportConfig:
             raise ValueError(f"min_agreement must be between 0 and 1, got {self.min_agreement}")
         if self.min_labels < 1:
             raise ValueError(f"min_labels must be >= 1, got {self.min_labels}")
+        if self.min_gold_accuracy is not None and not 0.0 <= self.min_gold_accuracy <= 1.0:
+            raise ValueError(f"min_gold_accuracy must be between 0 and 1, got {self.min_gold_accuracy}")
+        if self.margin_much < 0 or self.margin_slightly < 0:
+            raise ValueError("margins must be >= 0")
 
 
 def run_label_export(cfg: LabelExportConfig) -> dict[str, Any]:
@@ -228,6 +329,8 @@ def run_label_export(cfg: LabelExportConfig) -> dict[str, Any]:
         aggregate=cfg.aggregate,
         min_agreement=cfg.min_agreement,
         min_labels=cfg.min_labels,
+        min_gold_accuracy=cfg.min_gold_accuracy,
+        margins={"much": cfg.margin_much, "slightly": cfg.margin_slightly},
     )
     left_out = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(dropped.items())) or "none"
     if not rows:
@@ -248,24 +351,38 @@ class LabelStatsConfig:
 
     db: str = option(REQUIRED, "Labeling database.", required=True)
     out: str = option("", "Also write the statistics as JSON to this file.")
+    judge: str = option(
+        "", "Judge to compare each labeler with (scores completions it has not scored yet; the scores are stored)."
+    )
 
 
 def _num(value: Any) -> Any:
     return "-" if value is None else value
 
 
+def _share(value: float | None, count: int) -> str:
+    return "-" if value is None else f"{value:.0%} of {count}"
+
+
 def run_label_stats(cfg: LabelStatsConfig) -> dict[str, Any]:
     from rlhfkit.labeling.store import LabelStore
 
-    stats = LabelStore(cfg.db, create=False).stats()
-    by = stats["by_choice"]
+    store = LabelStore(cfg.db, create=False)
+    if cfg.judge:
+        score_with_judge(store, cfg.judge)
+    stats = store.stats()
+    by, strength = stats["by_choice"], stats["by_strength"]
     print_table(
         "progress",
         {
+            "mode": stats["mode"],
             "pairs": stats["pairs"],
             "overlap": stats["overlap"],
             "labels": stats["labels"],
+            "rankings": stats["rankings"],
             "A / B / tie / skip": f"{by['a']} / {by['b']} / {by['tie']} / {by['skip']}",
+            "much / slightly better": f"{strength['much']} / {strength['slightly']}",
+            "gold labels": stats["gold_labels"],
             "pairs labelled": stats["pairs_labelled"],
             "pairs complete": stats["pairs_complete"],
             "progress": _num(stats["progress"]),
@@ -278,6 +395,26 @@ def run_label_stats(cfg: LabelStatsConfig) -> dict[str, Any]:
         name = lb["name"] + (" (revoked)" if lb["revoked"] else "")
         counts = [str(lb[k]) for k in ("labels", "a", "b", "tie", "skip")]
         table.add_row(name, *counts, lb["last_label_at"] or "-")
+    console.print(table)
+    judge = f"agree with {stats['judge']}" if stats["judge"] else "agree with judge"
+    table = Table(title="labeler quality")
+    for column in ("labeler", "gold right", "agree with others", "kappa with others", judge, "words/min", "A share"):
+        table.add_column(column, justify="left" if column == "labeler" else "right")
+    table.add_column("flags")
+    for lb in stats["labelers"]:
+        gold = f"{lb['gold_correct']}/{lb['gold_answered']}" if lb["gold_answered"] else "-"
+        wpm = lb["median_words_per_minute"]
+        table.add_row(
+            lb["name"],
+            gold,
+            _share(lb["agreement_with_others"], lb["shared_with_others"]),
+            _num(None if lb["kappa_with_others"] is None else round(lb["kappa_with_others"], 3)),
+            _share(lb["judge_agreement"], lb["judge_pairs"]),
+            "-" if wpm is None else f"{wpm:.0f}",
+            "-" if lb["left_share"] is None else f"{lb['left_share']:.0%}",
+            "; ".join(lb["flags"]) or "-",
+            style="bold red" if lb["flags"] else None,
+        )
     console.print(table)
     agreement = stats["agreement"]
     print_table(
