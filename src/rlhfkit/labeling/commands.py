@@ -408,7 +408,7 @@ def run_label_stats(cfg: LabelStatsConfig) -> dict[str, Any]:
             lb["name"],
             gold,
             _share(lb["agreement_with_others"], lb["shared_with_others"]),
-            _num(None if lb["kappa_with_others"] is None else round(lb["kappa_with_others"], 3)),
+            "-" if lb["kappa_with_others"] is None else f"{lb['kappa_with_others']:.3f}",
             _share(lb["judge_agreement"], lb["judge_pairs"]),
             "-" if wpm is None else f"{wpm:.0f}",
             "-" if lb["left_share"] is None else f"{lb['left_share']:.0%}",
