@@ -172,10 +172,10 @@ def score_uncertainty(store: Any, reward_model: str) -> int:
 
     This command module is wiring, like ``cli``: it may call the reward stage; the store never does.
     """
-    from rlhfkit.reward import pair_uncertainty_from_dir
+    from rlhfkit.reward import reward_dir_uncertainty
 
     pairs = store.pairs_to_score()
-    values = pair_uncertainty_from_dir(reward_model, [(prompt, a, b) for _, prompt, a, b in pairs])
+    values = reward_dir_uncertainty(reward_model, [(prompt, a, b) for _, prompt, a, b in pairs])
     store.set_uncertainty({pair_id: value for (pair_id, *_), value in zip(pairs, values, strict=True)})
     return len(pairs)
 
