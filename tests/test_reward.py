@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -431,6 +432,36 @@ def test_prompt_grouped_batches_cover_every_pair_once_per_epoch() -> None:
     ]
     plain = PromptGroupedBatches(records, fit, batch_size=16, seed=0, by_prompt=False)
     assert sorted(i for b in plain.epoch_batches(0) for i in b) == fit
+    assert batches.smallest(3) == 8
+
+
+def test_whole_group_batches_never_split_a_ranking() -> None:
+    """24 rankings of K=4 (6 pairs each, 144 pairs) in batches of 16: a ranking's pairs share a batch."""
+    from rlhfkit.reward import PromptGroupedBatches
+
+    records = [PreferenceRecord(f"p{i // 6}", "a", "b", extra={"ranking_id": i // 6}) for i in range(144)]
+    fit = list(range(144))
+    batches = PromptGroupedBatches(records, fit, batch_size=16, seed=0, whole_groups=True)
+    assert len(batches) == 9
+    cut = PromptGroupedBatches(records, fit, batch_size=16, seed=0)
+    assert any(  # cutting every 16 pairs does split rankings
+        len({records[i].prompt for i in b} & {records[i].prompt for i in c})
+        for b, c in itertools.pairwise(list(cut.epoch_batches(0)))
+    )
+    for epoch in range(3):
+        epoch_batches = list(batches.epoch_batches(epoch))
+        assert len(epoch_batches) == 9 and sorted(i for b in epoch_batches for i in b) == fit
+        owner = {}
+        for n, batch in enumerate(epoch_batches):
+            for i in batch:
+                assert owner.setdefault(records[i].prompt, n) == n  # every ranking in one batch
+        assert all(12 <= len(b) <= 24 for b in epoch_batches)  # near 16: cut at the nearest ranking end
+    assert list(batches.epoch_batches(1, skip=4)) == list(batches.epoch_batches(1))[4:]
+    assert batches.smallest(3) == min(len(b) for e in range(3) for b in batches.epoch_batches(e))
+    # A prompt with more pairs than a batch holds is split, and every batch keeps at least one pair.
+    big = [PreferenceRecord("one prompt", "a", "b") for _ in range(40)]
+    split = list(PromptGroupedBatches(big, list(range(40)), batch_size=16, seed=0, whole_groups=True).epoch_batches(0))
+    assert [len(b) for b in split] == [16, 16, 8]
 
 
 def test_fit_linear_probe_solves_the_regularised_objective() -> None:

@@ -36,6 +36,7 @@ Recipe features and limits:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -674,6 +675,12 @@ class PromptGroupedBatches:
     prompt a completion is in up to K-1 pairs; grouped, it is mostly run once per epoch instead of
     once per pair. ``by_prompt=False``: every pair is its own group (a plain shuffle).
 
+    ``whole_groups``: cut only between prompts where one can (at the prompt boundary nearest each
+    multiple of ``batch_size``), so all pairs of a prompt, e.g. the K(K-1)/2 pairs of a ranking, are
+    in one batch, as InstructGPT trained on rankings. The number of batches stays
+    ``ceil(pairs / batch_size)``; their sizes vary a little, and a prompt with more pairs than a
+    batch holds is still split.
+
     The order is a function of (seed, epoch) alone, so a resumed run finds its data position from
     the step: ``from_step``.
     """
@@ -685,6 +692,7 @@ class PromptGroupedBatches:
         batch_size: int,
         seed: int,
         by_prompt: bool = True,
+        whole_groups: bool = False,
     ):
         groups: dict[str, list[int]] = {}
         for i in pair_idx:
@@ -694,14 +702,29 @@ class PromptGroupedBatches:
         self.n_pairs = len(pair_idx)
         self.batch_size = batch_size
         self.seed = seed
+        self.whole_groups = whole_groups and by_prompt
 
     def __len__(self) -> int:
         return math.ceil(self.n_pairs / self.batch_size)
 
-    @property
-    def smallest(self) -> int:
-        """Pairs in an epoch's smallest batch (its last; every other one has ``batch_size``)."""
-        return self.n_pairs - (len(self) - 1) * self.batch_size
+    def smallest(self, epochs: int) -> int:
+        """Pairs in the smallest batch of the first ``epochs`` epochs (without ``whole_groups``, an
+        epoch's last; every other one has ``batch_size``)."""
+        if not self.whole_groups:
+            return self.n_pairs - (len(self) - 1) * self.batch_size
+        return min(len(batch) for epoch in range(max(1, epochs)) for batch in self.epoch_batches(epoch))
+
+    def _cuts(self, group_ends: list[int]) -> list[int]:
+        """Batch boundaries: the group end nearest each multiple of ``batch_size``, leaving every batch
+        at least one pair (inside a group only where no group end fits)."""
+        n, total = len(self), self.n_pairs
+        cuts = [0]
+        for k in range(1, n):
+            low, high = cuts[-1] + 1, total - (n - k)
+            fits = [end for end in group_ends if low <= end <= high]
+            target = k * self.batch_size
+            cuts.append(min(fits, key=lambda end: (abs(end - target), end)) if fits else min(max(target, low), high))
+        return [*cuts, total]
 
     def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[list[int]]:
         """Epoch ``epoch``'s batches, from its ``skip``-th on."""
@@ -709,8 +732,12 @@ class PromptGroupedBatches:
         order = list(self.groups)
         rng.shuffle(order)
         flat = [i for group in order for i in rng.sample(group, len(group))]
-        for start in range(skip * self.batch_size, len(flat), self.batch_size):
-            yield flat[start : start + self.batch_size]
+        if self.whole_groups:
+            cuts = self._cuts(list(itertools.accumulate(len(group) for group in order)))
+        else:
+            cuts = [*range(0, len(flat), self.batch_size), len(flat)]
+        for start, end in list(itertools.pairwise(cuts))[skip:]:
+            yield flat[start:end]
 
     def from_step(self, step: int) -> Iterator[tuple[int, list[int]]]:
         """``(epoch, batch)`` from optimizer step ``step`` on, without end."""
@@ -784,11 +811,14 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
     if not train_idx:
         raise RlhfkitError(f"{cfg.data}: no training pairs left after holding out {cfg.eval_fraction:.0%}")
     fit_idx, val_idx = split_for_validation(records, train_idx, cfg.validation_fraction, cfg.seed)
-    batches = PromptGroupedBatches(records, fit_idx, cfg.batch_size, cfg.seed, by_prompt=cfg.group_by_prompt)
-    # Every rank takes a share of each batch, so the smallest (an epoch's last) needs a pair per rank.
-    rank_slice(
-        batches.smallest, rank, world, f"--batch-size {cfg.batch_size} (smallest batch: {batches.smallest} pairs)"
+    # Pairs from rankings (``rlhf label serve --mode rank``) are batched whole per prompt, as InstructGPT did.
+    rankings = any("ranking_id" in records[i].extra or "ranking_ids" in records[i].extra for i in fit_idx)
+    batches = PromptGroupedBatches(
+        records, fit_idx, cfg.batch_size, cfg.seed, by_prompt=cfg.group_by_prompt, whole_groups=rankings
     )
+    # Every rank takes a share of each batch, so the smallest needs a pair per rank.
+    smallest = batches.smallest(cfg.epochs)
+    rank_slice(smallest, rank, world, f"--batch-size {cfg.batch_size} (smallest batch: {smallest} pairs)")
     out = Path(cfg.out)
     if main:
         out.mkdir(parents=True, exist_ok=True)

@@ -425,9 +425,8 @@ def train(cfg: DPOConfig, accelerator: Any = None) -> dict[str, Any]:
     if not train_idx:
         raise RlhfkitError(f"{cfg.data}: no training pairs left after holding out {cfg.eval_fraction:.0%} of prompts")
     batches = PromptGroupedBatches(records, train_idx, cfg.batch_size, cfg.seed)
-    rank_slice(
-        batches.smallest, rank, world, f"--batch-size {cfg.batch_size} (smallest batch: {batches.smallest} pairs)"
-    )
+    smallest = batches.smallest(cfg.epochs)
+    rank_slice(smallest, rank, world, f"--batch-size {cfg.batch_size} (smallest batch: {smallest} pairs)")
     tokenizer = load_tokenizer(cfg.policy)
     seqs, starts, pair_refs = dedupe_sequences(encode_pairs_with_starts(tokenizer, records, cfg.max_length))
 
