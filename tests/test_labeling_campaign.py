@@ -503,3 +503,35 @@ def test_stats_with_a_judge_stores_its_scores_and_compares(tmp_path: Path) -> No
     (ann_stats,) = stats["labelers"]
     assert stats["judge"] == "nontoxic" and ann_stats["judge_agreement"] == 1.0
     assert "labeler quality" in out
+
+
+def test_rankings_train_a_reward_model_with_each_ranking_in_one_batch(
+    store: LabelStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Label -> export -> reward training: the batches the trainer takes keep every ranking whole."""
+    from rlhfkit import reward
+
+    store.import_candidates(four_way(8))
+    store.set_mode("rank")
+    ann = labeler(store, "ann")
+    while (task := store.next_ranking(ann)) is not None:  # rank by length: longest first
+        store.add_ranking(ann, task.prompt_id, [c for c, _ in sorted(task.completions, key=lambda c: -len(c[1]))])
+    write_jsonl(tmp_path / "prefs.jsonl", export_rows(store)[0])
+    seen: list[list[int]] = []
+    real = reward.PromptGroupedBatches.epoch_batches
+
+    def recording(self: reward.PromptGroupedBatches, epoch: int, skip: int = 0):  # noqa: ANN202
+        for batch in real(self, epoch, skip):
+            seen.append(batch)
+            yield batch
+
+    monkeypatch.setattr(reward.PromptGroupedBatches, "epoch_batches", recording)
+    cfg = reward.RewardTrainConfig(
+        data=str(tmp_path / "prefs.jsonl"), out=str(tmp_path / "rm"), model="tiny-random", trainable_layers=1,
+        epochs=1, batch_size=8, eval_fraction=0.25,
+    )  # fmt: skip
+    reward.train_reward_model(cfg, show_summary=False)
+    records = load_preferences(tmp_path / "prefs.jsonl")
+    assert len({i for batch in seen for i in batch}) == 36  # 6 of the 8 rankings are trained on, 6 pairs each
+    for batch in seen:
+        assert len({records[i].extra["ranking_id"] for i in batch}) * 6 == len(batch)
