@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator
 from itertools import combinations
 from pathlib import Path
 from types import SimpleNamespace
@@ -520,7 +521,7 @@ def test_rankings_train_a_reward_model_with_each_ranking_in_one_batch(
     seen: list[list[int]] = []
     real = reward.PromptGroupedBatches.epoch_batches
 
-    def recording(self: reward.PromptGroupedBatches, epoch: int, skip: int = 0):  # noqa: ANN202
+    def recording(self: reward.PromptGroupedBatches, epoch: int, skip: int = 0) -> Iterator[list[int]]:
         for batch in real(self, epoch, skip):
             seen.append(batch)
             yield batch
