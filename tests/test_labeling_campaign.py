@@ -536,3 +536,38 @@ def test_rankings_train_a_reward_model_with_each_ranking_in_one_batch(
     assert len({i for batch in seen for i in batch}) == 36  # 6 of the 8 rankings are trained on, 6 pairs each
     for batch in seen:
         assert len({records[i].extra["ranking_id"] for i in batch}) * 6 == len(batch)
+
+
+def test_serve_select_uncertain_scores_every_pair_with_the_reward_model(tmp_path: Path) -> None:
+    from rlhfkit.labeling import commands
+    from rlhfkit.reward import RewardTrainConfig, reward_dir_uncertainty, train_reward_model
+
+    rows = [{"prompt": f"Item {i}", "chosen": "kind warm " * (i % 3 + 1), "rejected": "cold cruel"} for i in range(16)]
+    write_jsonl(tmp_path / "prefs.jsonl", rows)
+    rm = tmp_path / "rm"
+    cfg = RewardTrainConfig(
+        data=str(tmp_path / "prefs.jsonl"), out=str(rm), model="tiny-random", lora_r=0, epochs=0, head_init="probe"
+    )
+    train_reward_model(cfg, show_summary=False)
+    write_jsonl(
+        tmp_path / "cands.jsonl",
+        [{"prompt": f"q{k}", "completions": ["kind " * k, "cold " * k, "warm"]} for k in range(1, 4)],
+    )
+    serve = commands.LabelServeConfig(
+        db=str(tmp_path / "labels.db"),
+        candidates=str(tmp_path / "cands.jsonl"),
+        select="uncertain",
+        reward_model=str(rm),
+    )
+    prepared = commands.prepare_serve(serve)
+    store = prepared["store"]
+    assert store.select == "uncertain" and prepared["summary"]["pairs scored by the reward model"] == 9
+    pairs = store.pairs_to_score()
+    want = reward_dir_uncertainty(rm, [(p, a, b) for _, p, a, b in pairs])
+    con = sqlite3.connect(store.path)
+    got = [u for (u,) in con.execute("SELECT uncertainty FROM pairs ORDER BY id")]
+    con.close()
+    assert got == pytest.approx(want) and len(set(want)) == len(want)
+    ann = labeler(store, "ann")
+    view = store.next_pair(ann)
+    assert view is not None and view.pair_id == pairs[min(range(9), key=want.__getitem__)][0]
