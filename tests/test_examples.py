@@ -9,6 +9,7 @@ import pytest
 from rlhfkit.cli import EvalConfig, GenerateConfig, LabelJudgeConfig
 from rlhfkit.config import load_yaml_config, resolve_config
 from rlhfkit.demo import DemoConfig
+from rlhfkit.labeling.commands import LabelServeConfig
 from rlhfkit.reward import RewardTrainConfig
 from rlhfkit.rl.dpo import DPOConfig
 from rlhfkit.rl.grpo import GRPOConfig
@@ -19,6 +20,7 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 CONFIGS = {
     "generate.yaml": GenerateConfig,
     "label_judge.yaml": LabelJudgeConfig,
+    "label_serve.yaml": LabelServeConfig,
     "reward_train.yaml": RewardTrainConfig,
     "ppo.yaml": PPOConfig,
     "grpo.yaml": GRPOConfig,
@@ -39,6 +41,13 @@ def test_example_loads(name: str) -> None:
     values = load_yaml_config(cls, EXAMPLES / name)
     assert values
     resolve_config(cls, EXAMPLES / name, {})
+
+
+def test_example_guidelines_render_as_markdown() -> None:
+    from rlhfkit.labeling.server import render_guidelines
+
+    html = render_guidelines((EXAMPLES / "guidelines.md").read_text(encoding="utf-8"))
+    assert html.startswith("<h1>") and "<strong>Prefer the less toxic one.</strong>" in html
 
 
 def test_accelerate_configs_load() -> None:
