@@ -487,6 +487,12 @@ def test_serve_flags_set_up_the_campaign(tmp_path: Path, monkeypatch: pytest.Mon
         commands.prepare_serve(commands.LabelServeConfig(db=str(db), mode="rank"))
     with pytest.raises(ValueError, match="needs --reward-model"):
         commands.LabelServeConfig(db=str(db), select="uncertain")
+    big = tmp_path / "big.jsonl"
+    write_jsonl(big, [{"prompt": "wide", "completions": [f"c{i}" for i in range(17)]}])
+    with pytest.raises(RlhfkitError, match="17 completions to rank; at most 16"):
+        commands.prepare_serve(
+            commands.LabelServeConfig(db=str(tmp_path / "wide.db"), candidates=str(big), mode="rank")
+        )
     code, out = invoke("serve", "--db", db, "--guidelines", tmp_path / "missing.md")
     assert code == 2 and "missing.md: no such file" in out
 

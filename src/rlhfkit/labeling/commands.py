@@ -99,7 +99,7 @@ class LabelServeConfig:
 def prepare_serve(cfg: LabelServeConfig) -> dict[str, Any]:
     """Everything ``serve`` does before listening: import, overlap, admin token, a summary."""
     from rlhfkit.data import load_candidates
-    from rlhfkit.labeling.store import LabelStore, new_token
+    from rlhfkit.labeling.store import MAX_RANK_COMPLETIONS, LabelStore, new_token
 
     store = LabelStore(cfg.db)
     summary: dict[str, Any] = {}
@@ -123,6 +123,11 @@ def prepare_serve(cfg: LabelServeConfig) -> dict[str, Any]:
         raise RlhfkitError("gold pairs are served in pair mode only (a gold 'ranking' of two would stand out)")
     if cfg.mode:
         store.set_mode(cfg.mode)
+    if store.mode == "rank" and store.largest_ranking() > MAX_RANK_COMPLETIONS:
+        raise RlhfkitError(
+            f"a prompt has {store.largest_ranking()} completions to rank; at most {MAX_RANK_COMPLETIONS} "
+            "fit one ranking (sample fewer, or use --mode pair)"
+        )
     if cfg.guidelines:
         summary["guidelines sha256"] = store.set_guidelines(_read_text(cfg.guidelines))[:12]
     if cfg.gold:

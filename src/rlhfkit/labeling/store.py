@@ -552,6 +552,18 @@ class LabelStore:
             out["gold_pairs"] = con.execute("SELECT count(*) FROM pairs WHERE gold IS NOT NULL").fetchone()[0]
             return out
 
+    def largest_ranking(self) -> int:
+        """The most completions one prompt's ranking would order (those in its pairs to label)."""
+        with self._read() as con:
+            row = con.execute(
+                """
+                SELECT max(n) FROM (SELECT count(DISTINCT c) AS n FROM (
+                    SELECT prompt_id, first_id AS c FROM pairs WHERE gold IS NULL
+                    UNION ALL SELECT prompt_id, second_id FROM pairs WHERE gold IS NULL) GROUP BY prompt_id)
+                """
+            ).fetchone()
+        return int(row[0] or 0)
+
     # ------------------------------------------------------------------------------------------
     # Active selection and judge scores
 
