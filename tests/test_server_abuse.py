@@ -53,7 +53,7 @@ ADMIN = "admin-token-for-fuzzing-0123456789"
 TIMEOUT_S = 30  # a request that takes longer than this is a hang
 MIN_REQUESTS = 1000  # per server
 # Examples per (operation, mode); hypothesis stops early where fewer distinct requests exist. The
-# OpenAI server has three operations with inputs, the labeling server six (the bearer token).
+# OpenAI server has three operations with inputs, the labeling server nine (the bearer token).
 SERVE_EXAMPLES, LABEL_EXAMPLES = 250, 100
 # Options the server answers with "not supported" (a 400): left out of the steered requests.
 REFUSED = {
