@@ -245,6 +245,25 @@ def test_min_gold_accuracy_drops_careless_labelers_and_those_without_gold(store:
     assert accuracy == {"good": 1.0, "careless": 0.0, "late": None}
 
 
+def test_page_ids_are_random_so_gold_pairs_imported_apart_do_not_stand_out(tmp_path: Path) -> None:
+    store = LabelStore(tmp_path / "labels.db")
+    gold_store(store, n_real=6)  # stored ids 1-6 real, 7-9 gold
+    store.set_gold_rate(0.5)
+    store_module._GOLD_DRAW.seed(0)
+    auth = {"Authorization": f"Bearer {store.add_labeler('ann')}"}
+    client = TestClient(create_app(store.path))
+    shown = []
+    while (task := client.get("/api/next", headers=auth)).status_code == 200:
+        shown.append(task.json()["pair_id"])
+        client.post("/api/label", json={"pair_id": shown[-1], "choice": "a"}, headers=auth)
+    stored = [store.pair_id_for(public) for public in shown]
+    assert sorted(stored) == list(range(1, 10))  # every pair, gold included, labelled through its page id
+    assert all(public > 1000 for public in shown) and sorted(shown) != shown  # random, not import order
+    assert len(store.label_rows()) == 6 and len(store.label_rows(gold=True)) == 3
+    undone = client.post("/api/undo", headers=auth).json()["undone"]
+    assert undone["pair_id"] == shown[-1]
+
+
 def test_a_gold_pair_equal_to_a_pair_to_label_is_refused(store: LabelStore) -> None:
     store.import_candidates([CandidateRecord("p", ["a", "b"], "m")])
     with pytest.raises(RlhfkitError, match="row 2: this pair is also a pair to label"):
@@ -312,6 +331,8 @@ def test_rank_mode_over_http(tmp_path: Path) -> None:
     assert client.post("/api/label", json={"pair_id": 1, "choice": "a"}, headers=auth).status_code == 409
     short = client.post("/api/rank", json={"prompt_id": task["prompt_id"], "order": order[:3]}, headers=auth)
     assert short.status_code == 422 and "each of the prompt's 4 completion ids" in short.json()["detail"]
+    not_an_object = client.post("/api/rank", json=[1, 2], headers=auth).json()["detail"]
+    assert not_an_object == 'body: expected a JSON object {"prompt_id", "order", "note"?}'
     done = client.post("/api/rank", json={"prompt_id": task["prompt_id"], "order": order}, headers=auth)
     assert done.status_code == 200 and done.json()["progress"] == {"done": 1, "remaining": 0}
     assert client.get("/api/next", headers=auth).status_code == 204
@@ -455,7 +476,7 @@ def test_a_schema_1_database_is_migrated_in_place_and_keeps_its_labels(tmp_path:
     assert (row["chosen"], row["rejected"], row["labeler"]) == ("hello there", "hi", "ann")
     assert "strength" not in row and "guidelines_sha256" not in row
     con = sqlite3.connect(path)
-    assert con.execute("SELECT count(*) FROM pairs WHERE shuffle_key = 0").fetchone()[0] == 0
+    assert con.execute("SELECT count(*) FROM pairs WHERE shuffle_key = 0 OR public_id IS NULL").fetchone()[0] == 0
     con.close()
     assert LabelStore(path).counts()["pairs"] == 1  # opening again changes nothing
 

@@ -87,7 +87,12 @@ def test_every_api_call_needs_a_valid_bearer_token(project: tuple[LabelStore, Te
 def test_label_flow_until_done_then_204(project: tuple[LabelStore, TestClient, dict[str, str]]) -> None:
     store, client, tokens = project
     ann = auth(tokens["ann"])
-    assert client.get("/api/progress", headers=ann).json() == {"labeler": "ann", "mode": "pair", "done": 0, "remaining": 6}
+    assert client.get("/api/progress", headers=ann).json() == {
+        "labeler": "ann",
+        "mode": "pair",
+        "done": 0,
+        "remaining": 6,
+    }
     given = []
     while True:
         response = client.get("/api/next", headers=ann)
@@ -104,7 +109,12 @@ def test_label_flow_until_done_then_204(project: tuple[LabelStore, TestClient, d
         assert response.status_code == 200 and response.json()["duplicate"] is False
         given.append((pair, choice))
     assert len(given) == 6
-    assert client.get("/api/progress", headers=ann).json() == {"labeler": "ann", "mode": "pair", "done": 6, "remaining": 0}
+    assert client.get("/api/progress", headers=ann).json() == {
+        "labeler": "ann",
+        "mode": "pair",
+        "done": 6,
+        "remaining": 0,
+    }
     assert client.get("/api/next", headers=auth(tokens["bob"])).status_code == 204  # overlap 1: nothing for bob
     rows, _ = export_rows(store, "trl")
     assert [(r["chosen"], r["rejected"]) for r in rows] == [
@@ -185,7 +195,7 @@ def test_request_bodies_are_bounded(project: tuple[LabelStore, TestClient, dict[
 
 def test_pages_are_static_text_only_with_a_strict_csp(project: tuple[LabelStore, TestClient, dict[str, str]]) -> None:
     _, client, _ = project
-    for path, marker in (("/", "A is better"), ("/admin", "live statistics")):
+    for path, marker in (("/", "A much better"), ("/admin", "live statistics")):
         response = client.get(path)
         assert response.status_code == 200 and marker in response.text
         csp = response.headers["content-security-policy"]
@@ -262,7 +272,11 @@ def test_eight_concurrent_labelers_lose_and_double_nothing(tmp_path: Path) -> No
         else:
             raise AssertionError("labelers still labeling after 10 rounds")
 
-    given = [(label_id, pair_id, name, choice) for name in names for label_id, pair_id, choice in accepted[name]]
+    given = [  # the page's pair ids are random public ones; the labels table holds the stored ids
+        (label_id, store.pair_id_for(public_id), name, choice)
+        for name in names
+        for label_id, public_id, choice in accepted[name]
+    ]
     with sqlite3.connect(store.path) as con:
         stored = con.execute(
             "SELECT l.id, l.pair_id, lb.name, l.choice FROM labels l JOIN labelers lb ON lb.id = l.labeler_id"
@@ -340,7 +354,8 @@ def test_sigkill_and_restart_lose_nothing_accepted(tmp_path: Path) -> None:
         with sqlite3.connect(db) as con:
             rows = con.execute("SELECT id, pair_id, choice, note FROM labels WHERE undone_at IS NULL").fetchall()
             assert con.execute("SELECT count(*) FROM pairs").fetchone()[0] == 12  # re-import added nothing
-        assert sorted(rows) == sorted(accepted)
+        public = LabelStore(db).pair_id_for  # the page's pair ids are random public ones
+        assert sorted(rows) == sorted((label_id, public(pid), choice, note) for label_id, pid, choice, note in accepted)
         with httpx.Client(base_url=url, headers=auth(token), timeout=30) as client:
             assert client.get("/api/next").json()["pair_id"] == shown  # the same pair is still on offer
             assert client.get("/api/progress").json()["done"] == 5

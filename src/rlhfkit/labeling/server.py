@@ -239,7 +239,14 @@ def _page(name: str) -> HTMLResponse:
     return HTMLResponse(html, headers={"content-security-policy": _csp(html)})
 
 
-def _readable(exc: RequestValidationError) -> str:
+BODIES = {
+    "/api/label": '{"pair_id", "choice", "strength"?, "note"?}',
+    "/api/rank": '{"prompt_id", "order", "note"?}',
+    "/api/acknowledge": '{"sha256"}',
+}
+
+
+def _readable(exc: RequestValidationError, path: str) -> str:
     """``field: what is wrong`` for each problem, without pydantic's internals."""
     problems = []
     for err in exc.errors():
@@ -250,7 +257,7 @@ def _readable(exc: RequestValidationError) -> str:
         where = ".".join(loc) or "body"
         msg = err.get("msg", "invalid")
         if where == "body" and err.get("type") in ("missing", "model_attributes_type", "dict_type"):
-            msg = 'expected a JSON object {"pair_id", "choice", "note"?}'
+            msg = f"expected a JSON object {BODIES.get(path, '')}".rstrip()
         problems.append(f"{where}: {msg}")
     return "; ".join(problems) or "invalid request"
 
@@ -276,8 +283,8 @@ def create_app(
     )
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _readable(exc)}, status_code=422)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _readable(exc, request.url.path)}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)  # what FastAPI raises for an unparsable body
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -360,7 +367,7 @@ def create_app(
             return Response(status_code=204)
         body: dict[str, Any] = {"prompt": prompt_text(view.prompt), "progress": store.progress(labeler, lease_seconds)}
         if isinstance(view, PairView):
-            body.update(kind="pair", pair_id=view.pair_id, a=view.a, b=view.b)
+            body.update(kind="pair", pair_id=view.public_id, a=view.a, b=view.b)
         else:
             body.update(
                 kind="rank", prompt_id=view.prompt_id, completions=[{"id": i, "text": t} for i, t in view.completions]
@@ -383,8 +390,15 @@ def create_app(
     def post_label(body: LabelRequest, labeler: Labeler = Depends(current_labeler)) -> dict[str, Any]:
         if body.strength is not None and body.choice not in ("a", "b"):
             raise HTTPException(422, "strength: only with choice a or b")
+        pair_id = store.pair_id_for(body.pair_id)
+        if pair_id is None:
+            raise HTTPException(409, f"pair {body.pair_id} is not assigned to {labeler.name}")
         try:
-            label_id, created = store.add_label(labeler, body.pair_id, body.choice, body.note, body.strength)
+            label_id, created = store.add_label(labeler, pair_id, body.choice, body.note, body.strength)
+        except NotAssignedError:  # named by the id the labeler knows, never the stored one
+            raise HTTPException(409, f"pair {body.pair_id} is not assigned to {labeler.name}") from None
+        except AlreadyLabeledError:
+            raise HTTPException(409, f"pair {body.pair_id} already has your label; undo it first") from None
         except label_errors as exc:
             raise refused(exc) from None
         return {
@@ -413,6 +427,8 @@ def create_app(
             undone = store.undo(labeler)
         except NothingToUndoError as exc:
             raise HTTPException(409, str(exc)) from None
+        if undone["kind"] == "pair":
+            undone["pair_id"] = store.public_id_of(undone["pair_id"])
         return {"ok": True, "undone": undone, "progress": store.progress(labeler, lease_seconds)}
 
     @app.get("/api/progress", response_model=LabelerProgress, responses=_errors(*AUTH_ERRORS))

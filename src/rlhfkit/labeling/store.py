@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS pairs (
     gold TEXT CHECK (gold IN ('first', 'second')),  -- a gold pair's known winner; NULL for a real pair
     uncertainty REAL,                         -- |P(first > second) - 0.5| under the latest reward model
     shuffle_key INTEGER NOT NULL DEFAULT 0,   -- random, drawn at import: the order of --select random
+    public_id INTEGER,                        -- random: the id labelers see, so ids reveal no import order
     UNIQUE (first_id, second_id),
     CHECK (first_id < second_id),
     CHECK (left_id IN (first_id, second_id))
@@ -128,6 +129,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS labels_one_live ON labels(pair_id, labeler_id)
 CREATE INDEX IF NOT EXISTS labels_by_labeler ON labels(labeler_id, id);
 CREATE INDEX IF NOT EXISTS labels_by_ranking ON labels(ranking_id);
 CREATE INDEX IF NOT EXISTS pairs_by_prompt ON pairs(prompt_id);
+CREATE UNIQUE INDEX IF NOT EXISTS pairs_by_public_id ON pairs(public_id);
 CREATE UNIQUE INDEX IF NOT EXISTS rankings_one_live ON rankings(prompt_id, labeler_id) WHERE undone_at IS NULL;
 """
 
@@ -137,6 +139,7 @@ MIGRATIONS_1_TO_2 = {
         "gold TEXT CHECK (gold IN ('first', 'second'))",
         "uncertainty REAL",
         "shuffle_key INTEGER NOT NULL DEFAULT 0",
+        "public_id INTEGER",
     ],
     "labels": [
         "strength TEXT CHECK (strength IN ('much', 'slightly'))",
@@ -185,12 +188,17 @@ class Labeler:
 
 @dataclass(frozen=True)
 class PairView:
-    """What one labeler is shown: A is the stored left completion, B the right one."""
+    """What one labeler is shown: A is the stored left completion, B the right one.
+
+    ``public_id`` is the pair's id on the web page: random, so a labeler cannot tell gold pairs
+    (imported apart) from the others by their ids.
+    """
 
     pair_id: int
     prompt: Prompt
     a: str
     b: str
+    public_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -248,11 +256,19 @@ def _migrate_1_to_2(con: sqlite3.Connection) -> None:
                 if column.split()[0] not in have:
                     con.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
         con.execute("UPDATE pairs SET shuffle_key = abs(random()) WHERE shuffle_key = 0")
+        con.execute(f"UPDATE pairs SET public_id = 1 + abs(random()) % {PUBLIC_ID_RANGE} WHERE public_id IS NULL")
         con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
+
+
+PUBLIC_ID_RANGE = 2**52  # below 2**53: exact as a JavaScript number
+
+
+def _public_id() -> int:
+    return 1 + secrets.randbelow(PUBLIC_ID_RANGE)
 
 
 def now_iso() -> str:
@@ -487,9 +503,9 @@ class LabelStore:
                 for i, j in pairs:
                     left = ids[i] if secrets.randbelow(2) == 0 else ids[j]
                     cur = con.execute(
-                        "INSERT OR IGNORE INTO pairs (prompt_id, first_id, second_id, left_id, shuffle_key) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        (prompt_id, ids[i], ids[j], left, 1 + secrets.randbits(62)),
+                        "INSERT OR IGNORE INTO pairs (prompt_id, first_id, second_id, left_id, shuffle_key, public_id) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (prompt_id, ids[i], ids[j], left, 1 + secrets.randbits(62), _public_id()),
                     )
                     summary.pairs_added += cur.rowcount
             summary.pairs_total = con.execute("SELECT count(*) FROM pairs").fetchone()[0]
@@ -534,9 +550,9 @@ class LabelStore:
                     continue
                 left = first if secrets.randbelow(2) == 0 else second
                 con.execute(
-                    "INSERT INTO pairs (prompt_id, first_id, second_id, left_id, gold, shuffle_key) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (prompt_id, first, second, left, gold, 1 + secrets.randbits(62)),
+                    "INSERT INTO pairs (prompt_id, first_id, second_id, left_id, gold, shuffle_key, public_id) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (prompt_id, first, second, left, gold, 1 + secrets.randbits(62), _public_id()),
                 )
                 added += 1
         return added
@@ -788,9 +804,9 @@ class LabelStore:
             return self._rank_view(con, prompt_id, labeler.id)
 
     def _view(self, con: sqlite3.Connection, pair_id: int) -> PairView:
-        prompt_json, left, right = con.execute(
+        prompt_json, left, right, public_id = con.execute(
             """
-            SELECT pr.prompt_json, cl.text, cr.text FROM pairs p
+            SELECT pr.prompt_json, cl.text, cr.text, p.public_id FROM pairs p
             JOIN prompts pr ON pr.id = p.prompt_id
             JOIN completions cl ON cl.id = p.left_id
             JOIN completions cr ON cr.id = CASE WHEN p.left_id = p.first_id THEN p.second_id ELSE p.first_id END
@@ -798,7 +814,17 @@ class LabelStore:
             """,
             (pair_id,),
         ).fetchone()
-        return PairView(pair_id, json.loads(prompt_json), left, right)
+        return PairView(pair_id, json.loads(prompt_json), left, right, public_id)
+
+    def pair_id_for(self, public_id: int) -> int | None:
+        """The pair whose web-page id is ``public_id`` (None: no such pair)."""
+        with self._read() as con:
+            row = con.execute("SELECT id FROM pairs WHERE public_id = ?", (public_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def public_id_of(self, pair_id: int) -> int:
+        with self._read() as con:
+            return con.execute("SELECT public_id FROM pairs WHERE id = ?", (pair_id,)).fetchone()[0]
 
     def _rank_view(self, con: sqlite3.Connection, prompt_id: int, labeler_id: int) -> RankView:
         (prompt_json,) = con.execute("SELECT prompt_json FROM prompts WHERE id = ?", (prompt_id,)).fetchone()
