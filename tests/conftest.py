@@ -1,4 +1,4 @@
-"""Fixtures shared by the trainer tests."""
+"""Fixtures shared by several test files: trainer prompts, an empty labeling database."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from rlhfkit.data import write_jsonl
+from rlhfkit.labeling.store import LabelStore
 
 
 @pytest.fixture(scope="module")
@@ -16,3 +17,9 @@ def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     topics = ["the sea", "a city", "music", "a garden", "the moon", "winter", "a train", "bread"]
     write_jsonl(path, [{"prompt": f"Write one line about {t}."} for t in topics * 4])
     return path
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LabelStore:
+    """An empty labeling database."""
+    return LabelStore(tmp_path / "labels.db")

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import typer
 from fastapi.testclient import TestClient
+from test_labeling_store import labeler
 from typer.testing import CliRunner
 
 from rlhfkit.data import CandidateRecord, PreferenceRecord, load_preferences, write_jsonl
@@ -31,7 +32,6 @@ from rlhfkit.labeling.store import (
     BadRankingError,
     GuidelinesChangedError,
     GuidelinesNotAcknowledgedError,
-    Labeler,
     LabelStore,
     NotAssignedError,
     WrongModeError,
@@ -64,17 +64,6 @@ INSERT INTO labelers VALUES (1, 'ann', 'x', '2026-01-01T00:00:00.000Z', NULL);
 INSERT INTO assignments VALUES (1, 1, 0, NULL);
 INSERT INTO labels VALUES (1, 1, 1, 'a', 2, NULL, '2026-01-01T00:00:01.000Z', NULL);
 """
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> LabelStore:
-    return LabelStore(tmp_path / "labels.db")
-
-
-def labeler(store: LabelStore, name: str) -> Labeler:
-    found = store.labeler_for_token(store.add_labeler(name))
-    assert found is not None
-    return found
 
 
 def four_way(n: int) -> list[CandidateRecord]:

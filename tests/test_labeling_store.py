@@ -41,11 +41,6 @@ from rlhfkit.labeling.store import (
 )
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> LabelStore:
-    return LabelStore(tmp_path / "labels.db")
-
-
 def labeler(store: LabelStore, name: str) -> Labeler:
     found = store.labeler_for_token(store.add_labeler(name))
     assert found is not None
