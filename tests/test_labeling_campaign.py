@@ -15,15 +15,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import typer
 from fastapi.testclient import TestClient
-from test_labeling_store import labeler
-from typer.testing import CliRunner
+from test_labeling_store import invoke, labeler
 
 from rlhfkit.data import CandidateRecord, PreferenceRecord, load_preferences, write_jsonl
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.labeling import store as store_module
-from rlhfkit.labeling.commands import register
 from rlhfkit.labeling.server import GUIDELINE_TAGS, create_app, render_guidelines
 from rlhfkit.labeling.stats import FAST_WORDS_PER_MINUTE, labeler_quality
 from rlhfkit.labeling.store import (
@@ -468,15 +465,6 @@ def test_a_schema_1_database_is_migrated_in_place_and_keeps_its_labels(tmp_path:
     assert con.execute("SELECT count(*) FROM pairs WHERE shuffle_key = 0 OR public_id IS NULL").fetchone()[0] == 0
     con.close()
     assert LabelStore(path).counts()["pairs"] == 1  # opening again changes nothing
-
-
-def invoke(*args: str | Path) -> tuple[int, str]:
-    app = typer.Typer()
-    label = typer.Typer()
-    register(label)
-    app.add_typer(label, name="label")
-    result = CliRunner().invoke(app, ["label", *map(str, args)])
-    return result.exit_code, result.output
 
 
 def test_serve_flags_set_up_the_campaign(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
