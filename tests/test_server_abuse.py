@@ -194,6 +194,8 @@ def test_labeling_server_survives_schema_fuzzing(tmp_path: Path) -> None:
                 shown = httpx.get(server.url + "/api/next", headers={"Authorization": f"Bearer {token}"}, timeout=10)
                 if shown.status_code == 200:
                     case.body["pair_id"] = shown.json()["pair_id"]  # a label that can be stored
+                    if case.body.get("choice") not in ("a", "b"):
+                        case.body.pop("strength", None)  # a strength goes with a or b only
             return {} if token is None else {"Authorization": f"Bearer {token}"}
 
         sent: Counter = Counter()
