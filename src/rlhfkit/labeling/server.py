@@ -13,7 +13,8 @@ Routes:
     POST /api/acknowledge    {sha256} -> 200; 409 when the guidelines changed meanwhile
     GET  /api/next           pair mode: 200 {kind: "pair", pair_id, prompt, a, b, progress, messages?};
                              rank mode: 200 {kind: "rank", prompt_id, prompt, completions: [{id, text}], ...};
-                             204 when done; 428 until the current guidelines are acknowledged
+                             204 when done; 428 until the current guidelines are acknowledged. A pair_id
+                             here is the pair's random public id: ids say nothing of import order
     POST /api/label          {pair_id, choice: a|b|tie|skip, strength?: much|slightly, note?} -> 200;
                              409 not assigned or wrong mode; 422 bad body; 428 guidelines not acknowledged
     POST /api/rank           {prompt_id, order: [completion ids, best first], note?} -> 200; same errors
