@@ -18,6 +18,11 @@ rlhfkit's step as it computes it:
 
 Only matmuls and attention count (norms, softmax, sampling and the optimizer are left out), and
 the rate is the best large-GEMM rate, so a floor is a lower bound: no implementation gets below it.
+
+Decoding has a second floor (``decode_floors``, used by ``decode_levers.py``): at batch 1 a decode
+step is memory-bound, every weight (and the KV cache so far) read once per token, so its floor is
+those bytes over the measured memory bandwidth (``memory_gbps``); batched, the FLOPs over the matmul
+rate bind instead. Both are printed; the larger one is the step's floor.
 """
 
 from __future__ import annotations
@@ -40,6 +45,92 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
+
+
+def memory_gbps(mib: int = 256, repeats: int = 10) -> dict[str, float]:
+    """Best memory rates of this machine with torch's threads, in GB/s (1e9 bytes), best of ``repeats``:
+
+    - ``copy``: ``dst.copy_(src)`` of a ``mib`` MiB fp32 tensor, bytes read + bytes written over seconds;
+    - ``read``: ``src.sum()`` of the same tensor, bytes read over seconds (a read-only stream, like
+      a decode step's weight reads).
+
+    ``floor``: the larger of the two, the bandwidth ``decode_floors`` divides by (the best this machine
+    showed, so the floor stays a lower bound). Well above the last-level cache, so it is DRAM's rate.
+    """
+    import torch
+
+    src = torch.empty(mib * 2**20 // 4).normal_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up: fault the pages in
+    src.sum()
+    copy = read = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        copy = min(copy, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        src.sum()
+        read = min(read, time.perf_counter() - t0)
+    rates = {"copy": 2 * src.nbytes / copy / 1e9, "read": src.nbytes / read / 1e9}
+    return {**rates, "floor": max(rates.values())}
+
+
+def _layer_shapes(cfg: dict) -> tuple[list[tuple[int, int]], int, int]:
+    """The matmul weight shapes of one decoder layer, the KV width and the head dimension."""
+    d, ffn, heads = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or d // heads
+    kv = cfg.get("num_key_value_heads", heads) * head_dim
+    shapes = [(d, heads * head_dim), (d, kv), (d, kv), (heads * head_dim, d), (d, ffn), (d, ffn), (ffn, d)]
+    return shapes, kv, head_dim
+
+
+def decode_floors(
+    cfg: dict, batch: int, prompt_len: int, new_tokens: int, gflops: float, gbps: float, dtype_bytes: int = 4
+) -> dict[str, float]:
+    """Floors of one greedy ``generate`` of ``new_tokens`` per row after a ``prompt_len`` prompt (no padding).
+
+    The work: one prefill forward over the prompt, then ``new_tokens - 1`` one-token forwards with a KV
+    cache; the LM head on the last position only.
+
+    - ``memory_s``: every forward reads every weight once (the layers, the norms, the LM head; the
+      embedding lookup reads ``batch`` rows only, left out) plus the KV cache written so far, each
+      forward's bytes over ``gbps``. What binds at batch 1.
+    - ``compute_s``: the matmul and attention FLOPs (``2 * params`` per token through the layers, the
+      head once per row per forward, QK^T and AV over the context) over ``gflops``. What binds batched.
+    - ``floor_s``: the larger; ``*_tok_s``: ``batch * new_tokens`` over each.
+    - ``weight_bytes``, ``kv_bytes_per_token`` (one row, one position, all layers), ``flops``.
+    """
+    shapes, kv, head_dim = _layer_shapes(cfg)
+    d, vocab, n_layers = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    heads = cfg["num_attention_heads"]
+    layer_params = sum(i * o for i, o in shapes) + 2 * d  # matmuls + two RMSNorm weights
+    weight_bytes = dtype_bytes * (n_layers * layer_params + d + vocab * d)  # + final norm + LM head
+    kv_token = dtype_bytes * n_layers * 2 * kv
+    # KV bytes read: the prefill reads what it writes (counted once), each later forward reads the cache so far.
+    kv_read = batch * kv_token * (prompt_len + sum(prompt_len + i for i in range(1, new_tokens)))
+    memory_bytes = new_tokens * weight_bytes + kv_read
+
+    layer = 2 * sum(i * o for i, o in shapes)
+    head = 2 * d * vocab
+    attention = 4 * heads * head_dim  # per (query, key) pair: QK^T and AV
+    prefill = batch * (prompt_len * n_layers * layer + n_layers * attention * prompt_len * (prompt_len + 1) / 2 + head)
+    decode = sum(batch * (n_layers * (layer + attention * (prompt_len + i)) + head) for i in range(1, new_tokens))
+    flops = prefill + decode
+
+    memory_s, compute_s = memory_bytes / (gbps * 1e9), flops / (gflops * 1e9)
+    tokens = batch * new_tokens
+    return {
+        "weight_bytes": weight_bytes,
+        "kv_bytes_per_token": kv_token,
+        "memory_bytes": memory_bytes,
+        "flops": flops,
+        "memory_s": memory_s,
+        "compute_s": compute_s,
+        "floor_s": max(memory_s, compute_s),
+        "memory_tok_s": tokens / memory_s,
+        "compute_tok_s": tokens / compute_s,
+        "floor_tok_s": tokens / max(memory_s, compute_s),
+    }
 
 
 def step_flops(cfg: dict, s: dict, query_width: int) -> dict[str, float]:

@@ -8,7 +8,7 @@ with chosen train/eval prompts, the frozen layers' output memoised on disk.
 - The memo: the frozen lower layers' output per sequence does not depend on the training settings,
   so it is computed once per split layer and kept in ``bench/.cache/reward_memo/``; each run's wall
   time is reported as if the cache pass had run (its measured cost on the whole file is added back).
-- ``matmul_gflops``: the fp32 rate of a 2048^3 matmul, printed beside every timing (hosts vary 2x).
+- ``matmul_gflops`` (from ``_floors``): the fp32 rate of a 2048^3 matmul, printed beside every timing (hosts vary 2x).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from _floors import matmul_gflops
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -27,17 +28,6 @@ DATA = ROOT / "runs" / "rmdata" / "preferences.jsonl"
 MEMO = BENCH / ".cache" / "reward_memo"
 # What `rlhf demo --quick` passes today (the rest are RewardTrainConfig's defaults).
 DEMO = {"model": "smollm2-135m", "epochs": 3, "learning_rate": 1e-3, "eval_fraction": 0.2, "seed": 0}
-
-
-def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 def prompt_key(record) -> str:

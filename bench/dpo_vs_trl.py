@@ -49,6 +49,7 @@ from _bench_common import (
     run_worker,
     write_results_section,
 )
+from _floors import matmul_gflops
 
 TRL_VERSION = "1.16.0"
 TRL_VENV = BENCH / ".venv-trl-reward"  # reward_vs_trl.py's venv: the same TRL version, made once
@@ -135,12 +136,6 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         "gradient_checkpointing": args.gradient_checkpointing == "on",
         "trl_precompute_ref": args.trl_precompute_ref,
     }
-
-
-def matmul_gflops() -> float:
-    from _reward_harness import matmul_gflops as rate
-
-    return rate()
 
 
 def summarise(rows: list[dict]) -> dict[str, Any]:
