@@ -144,10 +144,11 @@ def reading_speeds(labels: Sequence[Any]) -> dict[str, list[float]]:
 
 
 def labeler_quality(
-    labels: Sequence[Any], gold_labels: Sequence[Any] = (), judge: str | None = None
+    labels: Sequence[Any], gold_labels: Sequence[Any] = (), judge: str | None = None, names: Iterable[str] = ()
 ) -> dict[str, dict[str, Any]]:
-    """Per labeler: gold accuracy, agreement and Cohen's kappa with the others' majority on shared
-    pairs, agreement with the judge, median words per minute, side preference, and flags."""
+    """Per labeler (those in ``names`` and every one with a label): gold accuracy, agreement and
+    Cohen's kappa with the others' majority on shared pairs, agreement with the judge, median words
+    per minute, side preference, and flags. A labeler without labels gets zeros and Nones."""
     from rlhfkit.labeling.store import gold_accuracy, majority
 
     outcomes: dict[int, dict[str, str]] = defaultdict(dict)  # pair -> labeler -> decided outcome
@@ -156,7 +157,7 @@ def labeler_quality(
             outcomes[r.pair_id][r.labeler] = r.outcome
     gold = gold_accuracy(gold_labels)
     speeds = reading_speeds(labels)
-    names = sorted({r.labeler for r in labels} | set(gold))
+    names = sorted({r.labeler for r in labels} | set(gold) | set(names))
     out: dict[str, dict[str, Any]] = {}
     for name in names:
         mine, others = [], []
@@ -247,7 +248,7 @@ def summarize(
             )
     kappas = [c["kappa"] for c in cohen if c["kappa"] is not None]
     complete = sum(len(v) >= overlap for v in decided.values())
-    quality = labeler_quality(labels, gold_labels, judge)
+    quality = labeler_quality(labels, gold_labels, judge, names=per_labeler)
     by_strength = Counter(r.strength for r in labels if r.strength)
     return {
         "mode": mode,
@@ -269,7 +270,7 @@ def summarize(
                 **{c: counts[c] for c in ("a", "b", "tie", "skip")},
                 "revoked": name in revoked,
                 "last_label_at": last.get(name),
-                **quality.get(name, _no_quality()),
+                **quality[name],
             }
             for name, counts in per_labeler.items()
         ],
@@ -281,21 +282,4 @@ def summarize(
             "cohen": cohen,
         },
         "position_bias": position_bias(r.choice for r in labels),
-    }
-
-
-def _no_quality() -> dict[str, Any]:
-    """A labeler with no labels yet: every quality number empty."""
-    return {
-        "gold_answered": 0,
-        "gold_correct": 0,
-        "gold_accuracy": None,
-        "shared_with_others": 0,
-        "agreement_with_others": None,
-        "kappa_with_others": None,
-        "judge_pairs": 0,
-        "judge_agreement": None,
-        "median_words_per_minute": None,
-        "left_share": None,
-        "flags": [],
     }

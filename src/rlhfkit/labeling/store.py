@@ -271,6 +271,10 @@ def _public_id() -> int:
     return 1 + secrets.randbelow(PUBLIC_ID_RANGE)
 
 
+def _shuffle_key() -> int:
+    return 1 + secrets.randbits(62)
+
+
 def now_iso() -> str:
     """UTC time with milliseconds, ``2025-01-31T12:00:00.123Z``: sortable and unambiguous."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -381,14 +385,11 @@ class LabelStore:
 
     def get_meta(self, key: str) -> str | None:
         with self._read() as con:
-            row = con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else row[0]
+            return _meta(con, key)
 
     def set_meta(self, key: str, value: str) -> None:
         with self._write() as con:
-            con.execute(
-                "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value)
-            )
+            _put_meta(con, key, value)
 
     @property
     def overlap(self) -> int:
@@ -439,11 +440,9 @@ class LabelStore:
         if not markdown.strip():
             raise RlhfkitError("guidelines are empty")
         digest = hashlib.sha256(markdown.encode("utf-8")).hexdigest()
-        with self._write() as con:
-            for key, value in (("guidelines_md", markdown), ("guidelines_sha256", digest)):
-                con.execute(
-                    "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value)
-                )
+        with self._write() as con:  # text and hash change together
+            _put_meta(con, "guidelines_md", markdown)
+            _put_meta(con, "guidelines_sha256", digest)
         return digest
 
     def acknowledge(self, labeler: Labeler, sha256: str) -> None:
@@ -505,7 +504,7 @@ class LabelStore:
                     cur = con.execute(
                         "INSERT OR IGNORE INTO pairs (prompt_id, first_id, second_id, left_id, shuffle_key, public_id) "
                         "VALUES (?, ?, ?, ?, ?, ?)",
-                        (prompt_id, ids[i], ids[j], left, 1 + secrets.randbits(62), _public_id()),
+                        (prompt_id, ids[i], ids[j], left, _shuffle_key(), _public_id()),
                     )
                     summary.pairs_added += cur.rowcount
             summary.pairs_total = con.execute("SELECT count(*) FROM pairs").fetchone()[0]
@@ -552,7 +551,7 @@ class LabelStore:
                 con.execute(
                     "INSERT INTO pairs (prompt_id, first_id, second_id, left_id, gold, shuffle_key, public_id) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (prompt_id, first, second, left, gold, 1 + secrets.randbits(62), _public_id()),
+                    (prompt_id, first, second, left, gold, _shuffle_key(), _public_id()),
                 )
                 added += 1
         return added
@@ -622,9 +621,7 @@ class LabelStore:
                 "INSERT INTO judge_scores VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET score = excluded.score",
                 [(cid, judge, float(v)) for cid, v in scores.items()],
             )
-            con.execute(
-                "INSERT INTO meta VALUES ('judge', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (judge,)
-            )
+            _put_meta(con, "judge", judge)
 
     # ------------------------------------------------------------------------------------------
     # Labelers
@@ -850,9 +847,12 @@ class LabelStore:
             open_held = con.execute(_OWN_OPEN_SQL, (labeler.id,)).fetchall()
             if (_meta(con, "mode") or "pair") == "rank":
                 available = con.execute(
-                    _PROMPTS_HELD_SQL.format(keys="0 AS k0") + " WHERE mine = 0 AND taken < :overlap", args
-                ).fetchall()
-                remaining = len({prompt for _, prompt in open_held}) + len(available)
+                    "SELECT count(*) FROM ("
+                    + _PROMPTS_HELD_SQL.format(keys="0 AS k0")
+                    + " WHERE mine = 0 AND taken < :overlap)",
+                    args,
+                ).fetchone()[0]
+                remaining = len({prompt for _, prompt in open_held}) + available
             else:
                 held_available = con.execute(
                     _HELD_SQL + "SELECT count(*) FROM held WHERE mine = 0 AND taken < :overlap", args
@@ -1134,6 +1134,10 @@ class LabelStore:
 def _meta(con: sqlite3.Connection, key: str) -> str | None:
     row = con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return None if row is None else row[0]
+
+
+def _put_meta(con: sqlite3.Connection, key: str, value: str) -> None:
+    con.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
 
 
 def _acknowledged(con: sqlite3.Connection, labeler_id: int) -> bool:
