@@ -4,12 +4,16 @@ Why it is built this way:
 
 - One model object. The base is loaded once; every adapter is loaded onto it as a named peft
   adapter (``load_adapter``), so N tuned variants cost the base plus N small adapters. The base
-  itself is the same object with its adapters disabled (``disable_adapter()``).
-- One worker thread owns that model. HTTP handlers only validate, tokenize and queue a ``Job``;
-  the worker takes the oldest waiting job, adds every other waiting job for the same adapter (up to
-  ``max_batch_size`` sequences), activates that adapter and decodes the whole batch together. An
-  adapter is switched only between batches, by the only thread that runs the model, so one
-  request's adapter can never leak into another's output.
+  itself is the same object, its rows marked ``__base__`` so no adapter touches them.
+- One worker thread owns that model. HTTP handlers only validate, tokenize and queue a ``Job``.
+- Continuous batching: between two decode steps the worker lets waiting jobs join the running
+  batch (oldest first, up to ``max_batch_size`` sequences): their prompts are prefilled in one
+  forward and their KV cache is appended to the batch's (left-padded to a common width, positions
+  from the mask). Rows leave as soon as they end, so a short request never waits for a long one.
+- Mixed adapters: one batch holds rows for any adapter and the base; every forward passes each
+  row's adapter name (peft's ``adapter_names``; ``__base__`` for the base), and peft applies each
+  LoRA only to its own rows. No adapter is ever "switched on" for the whole model, so one request's
+  adapter cannot leak into another's output.
 - A decode loop of its own (KV cache, left padding, positions from the mask) rather than
   ``generate``: each request keeps its own sampling settings, seed (a ``torch.Generator`` per
   request, so a seeded request reproduces whatever else shares its batch), ``max_tokens`` and stop
@@ -27,8 +31,10 @@ Why it is built this way:
   back to the host, once per step. ``/health`` names the device and dtype.
 
 Limits: one process and one device (a GPU when there is one, else the CPU; seeded sampling
-reproduces on the same device, not across devices); new requests wait for the running batch to end
-(no continuous batching); ``logprobs``, penalties, tools and ``echo`` are refused with a 400.
+reproduces on the same device, not across devices); a joining request's prefill pauses the running
+rows for one forward (no chunked prefill); models whose cache is not a plain growing one (sliding
+window layers) take new requests only when the running batch ends; ``logprobs``, penalties, tools
+and ``echo`` are refused with a 400.
 """
 
 from __future__ import annotations
@@ -43,9 +49,9 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -119,6 +125,10 @@ class Job:
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     cancelled: bool = False
+    # Set by the worker when the job joins the running batch:
+    generator: torch.Generator | None = field(default=None, repr=False)
+    started: float = 0.0  # perf_counter at joining
+    open_rows: int = 0  # rows not finished yet
 
     @property
     def rows(self) -> int:
@@ -262,12 +272,13 @@ class ServeEngine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.batches = 0  # counters for /health and the tests
-        self.sequences = 0
-        self.largest_batch = 0
+        self.batches = 0  # counters for /health and the tests: prefills (groups of jobs joining the batch)
+        self.sequences = 0  # rows that joined
+        self.largest_batch = 0  # most rows decoding at once
+        self.decode_steps = 0
         self.decoded_rows = 0  # rows fed through decode steps: finished and cancelled rows stop counting
         self.rejected = 0  # requests refused because the queue was full
-        self._batch_seconds = 1.0  # running mean of one batch's wall time, for Retry-After
+        self._job_seconds = 1.0  # running mean of a request's time in the batch, for Retry-After
 
     # -- models ----------------------------------------------------------------------------------
 
@@ -321,9 +332,9 @@ class ServeEngine:
                 self._pending = deque(j for j in self._pending if not j.cancelled)  # clients that left
             if len(self._pending) >= self.max_queue:
                 self.rejected += 1
-                # About when a place frees up: the batches ahead of it, at the recent batch time.
+                # About when a place frees up: the batchfuls ahead of it, at the recent request time.
                 ahead = 1 + len(self._pending) // self.max_batch_size
-                retry = max(1, math.ceil(self._batch_seconds * ahead))
+                retry = max(1, math.ceil(self._job_seconds * ahead))
                 raise APIError(
                     503,
                     f"The server is busy ({len(self._pending)} requests waiting); retry in {retry} s",
@@ -372,114 +383,208 @@ class ServeEngine:
     # -- the worker ------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        """Continuous batching: between two decode steps, waiting jobs join the running batch (as
+        long as it has room) and finished rows leave it, so a short request never waits for a long one."""
+        batch = _Batch()
         while True:
             with self._cond:
-                while not self._pending and not self._stopping:
+                while not self._pending and not batch.rows and not self._stopping:
                     self._cond.wait()
-                if self._stopping:
-                    leftover = list(self._pending)
+                leftover: list[Job] = []
+                if self._stopping:  # finish the rows being decoded; nothing new joins
+                    leftover, newcomers = list(self._pending), []
                     self._pending.clear()
+                else:
+                    newcomers = self._admit(batch)
+            for job in leftover:
+                job.emit(("error", 503, "The server is shutting down"))
+            if not batch.rows and not newcomers:
+                if self._stopping:
                     break
-                batch = self._take_batch()
-            if not batch:
                 continue
-            started = time.perf_counter()
             try:
-                self._generate(batch)
-                self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - started)
+                if newcomers:
+                    self._join(batch, newcomers)
+                self._step(batch)
             except Exception:
-                logger.exception("generation failed for a batch of %d request(s)", len(batch))
-                for job in batch:
+                jobs = list(dict.fromkeys([*(row.job for row in batch.rows), *newcomers]))
+                logger.exception("generation failed for a batch of %d request(s)", len(jobs))
+                for job in jobs:
                     job.emit(("error", 500, "Internal error while generating; the server log has the details"))
-        for job in leftover:
-            job.emit(("error", 503, "The server is shutting down"))
+                batch = _Batch()
 
-    def _take_batch(self) -> list[Job]:
-        """The oldest live job plus every waiting job on the same adapter that fits the batch."""
+    def _admit(self, batch: _Batch) -> list[Job]:
+        """Waiting jobs, oldest first, that fit beside the running batch (any adapter, the base included).
+
+        First come, first served: a job that does not fit stops the admission, so a large request is
+        not overtaken forever by small ones. A cache that cannot be merged (a sliding-window model)
+        takes no one until the running batch ends.
+        """
         while self._pending and self._pending[0].cancelled:
             self._pending.popleft()
-        if not self._pending:
+        if batch.rows and not batch.mergeable:
             return []
-        key = self._pending[0].adapter
-        batch: list[Job] = []
-        rows = 0
-        kept: deque[Job] = deque()
-        for job in self._pending:
+        rows, admitted = len(batch.rows), []
+        while self._pending:
+            job = self._pending[0]
             if job.cancelled:
+                self._pending.popleft()
                 continue
-            if job.adapter == key and (not batch or rows + job.rows <= self.max_batch_size):
-                batch.append(job)
-                rows += job.rows
-            else:
-                kept.append(job)
-        self._pending = kept
-        return batch
+            if rows and rows + job.rows > self.max_batch_size:
+                break
+            admitted.append(self._pending.popleft())
+            rows += job.rows
+        return admitted
 
-    @contextmanager
-    def _active(self, adapter: str | None) -> Iterator[None]:
-        """The model as ``adapter`` (or as the base): only the worker thread ever enters this."""
-        if not self.adapter_dirs:
-            yield
-        elif adapter is None:
-            with self.model.disable_adapter():
-                yield
-        else:
-            self.model.set_adapter(adapter, inference_mode=True)
-            yield
-
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, adapters: list[str] | None
+    ) -> torch.Tensor:
+        """Next-token logits (float32) of every row; ``adapters`` names each row's adapter (peft's mixed batch)."""
+        extra = {} if adapters is None else {"adapter_names": adapters}
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **extra,
         )
         return out.logits[:, -1, :].float()
 
+    def _adapter_names(self, rows: Sequence[_Row]) -> list[str] | None:
+        if not self.adapter_dirs:
+            return None
+        return [row.job.adapter or _BASE_ROW for row in rows]
+
     @torch.inference_mode()
-    def _generate(self, batch: list[Job]) -> None:
-        """Decode a batch; a row leaves the batch (and its KV cache) as soon as it ends or its client leaves."""
+    def _join(self, batch: _Batch, jobs: list[Job]) -> None:
+        """Prefill the new jobs' prompts in one forward and append their rows (and KV cache) to the batch."""
         from transformers import DynamicCache
 
-        rows = [
-            _Row(self, job, p * job.n + k, prompt)
-            for job in batch
-            for p, prompt in enumerate(job.prompts)
-            for k in range(job.n)
-        ]
-        generators = {
-            job: torch.Generator(device=self.device).manual_seed(
+        now = time.perf_counter()
+        rows = []
+        for job in jobs:
+            job.started = now
+            job.generator = torch.Generator(device=self.device).manual_seed(
                 job.seed if job.seed is not None else secrets.randbits(63)
             )
-            for job in batch
-        }
+            job.open_rows = job.rows
+            rows += [
+                _Row(self, job, p * job.n + k, prompt) for p, prompt in enumerate(job.prompts) for k in range(job.n)
+            ]
         ids, mask = left_pad([r.prompt for r in rows], self.pad_id, device=self.device)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, position_ids_from_mask(mask), cache, self._adapter_names(rows))
         self.batches += 1
         self.sequences += len(rows)
-        self.largest_batch = max(self.largest_batch, len(rows))
-        live = rows  # rows still decoding, in batch order (a job's rows stay next to each other)
-        with self._active(batch[0].adapter):
-            cache = DynamicCache()
-            logits = self._forward(ids, mask, position_ids_from_mask(mask), cache)
-            for _ in range(max(job.max_tokens for job in batch)):
-                # Each job samples from its own generator, so a seeded request does not depend on
-                # what shares its batch.
-                next_tokens = torch.empty(len(live), dtype=torch.long, device=self.device)
-                start = 0
-                for job, members in groupby(live, key=lambda row: row.job):
-                    end = start + len(list(members))
-                    next_tokens[start:end] = _sample(logits[start:end], job.temperature, job.top_p, generators[job])
-                    start = end
-                for row, token in zip(live, next_tokens.tolist(), strict=True):  # the step's one copy to the host
-                    row.push(token)
-                keep = [i for i, row in enumerate(live) if not (row.done or row.job.cancelled)]
-                if not keep:
-                    break
-                if len(keep) < len(live):
-                    index = torch.tensor(keep, device=self.device)
-                    cache.batch_select_indices(index)
-                    mask, next_tokens = mask[index], next_tokens[index]
-                    live = [live[i] for i in keep]
-                self.decoded_rows += len(live)
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-                logits = self._forward(next_tokens[:, None], mask, mask.sum(-1, keepdim=True) - 1, cache)
+        batch.add(rows, cache, mask, logits)
+        self.largest_batch = max(self.largest_batch, len(batch.rows))
+
+    @torch.inference_mode()
+    def _step(self, batch: _Batch) -> None:
+        """Sample one token for every row, let finished (or abandoned) rows leave, decode the rest one step."""
+        # Each job samples from its own generator, so a seeded request does not depend on what shares
+        # its batch. A job's rows sit next to each other: they join together and leave in order.
+        next_tokens = torch.empty(len(batch.rows), dtype=torch.long, device=self.device)
+        start = 0
+        for job, members in groupby(batch.rows, key=lambda row: row.job):
+            end = start + len(list(members))
+            assert job.generator is not None
+            next_tokens[start:end] = _sample(batch.logits[start:end], job.temperature, job.top_p, job.generator)
+            start = end
+        for row, token in zip(batch.rows, next_tokens.tolist(), strict=True):  # the step's one copy to the host
+            row.push(token)
+        keep = [i for i, row in enumerate(batch.rows) if not (row.done or row.job.cancelled)]
+        for row in batch.rows:
+            if row.done or row.job.cancelled:
+                self._row_left(row.job)
+        if len(keep) < len(batch.rows):
+            batch.keep(keep)
+            next_tokens = next_tokens[torch.tensor(keep, dtype=torch.long, device=self.device)]
+        if not batch.rows:
+            return
+        self.decoded_rows += len(batch.rows)
+        self.decode_steps += 1
+        batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], 1)
+        positions = batch.mask.sum(-1, keepdim=True) - 1
+        batch.logits = self._forward(
+            next_tokens[:, None], batch.mask, positions, batch.cache, self._adapter_names(batch.rows)
+        )
+
+    def _row_left(self, job: Job) -> None:
+        """Count a row out; when a job's last row leaves, fold its wall time into the Retry-After estimate."""
+        job.open_rows -= 1
+        if job.open_rows == 0 and not job.cancelled:
+            self._job_seconds = 0.8 * self._job_seconds + 0.2 * (time.perf_counter() - job.started)
+
+    def _generate(self, jobs: list[Job]) -> None:
+        """Decode these jobs to their end as one batch, on the calling thread (tests and benchmarks)."""
+        batch = _Batch()
+        self._join(batch, jobs)
+        while batch.rows:
+            self._step(batch)
+
+
+_BASE_ROW = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+class _Batch:
+    """The running batch: its rows in order, their KV cache, attention mask and next-token logits.
+
+    Rows of different lengths share one left-padded cache: a row that joins is padded (mask 0) to
+    the batch's width, or the batch to its width, and positions come from the mask, so padding never
+    changes a row's output. Columns that no remaining row uses are cut off when rows leave.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[_Row] = []
+        self.cache: Any = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.logits = torch.zeros(0)
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether rows can join: every cache layer a plain growing one (no sliding window)."""
+        from transformers.cache_utils import DynamicLayer
+
+        return self.cache is None or all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    def add(self, rows: list[_Row], cache: Any, mask: torch.Tensor, logits: torch.Tensor) -> None:
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.logits = rows, cache, mask, logits
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
+            mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+        self.logits = torch.cat([self.logits, logits])
+        self.rows = self.rows + rows
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only these rows; drop the leading columns none of them uses."""
+        self.rows = [self.rows[i] for i in indices]
+        if not self.rows:
+            self.__init__()
+            return
+        index = torch.tensor(indices, dtype=torch.long, device=self.mask.device)
+        self.mask, self.logits = self.mask[index], self.logits[index]
+        first = int(self.mask.any(0).long().argmax())  # the first column some row still attends to
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.keys, layer.values = layer.keys[index, :, first:], layer.values[index, :, first:]
+        self.mask = self.mask[:, first:]
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``tensor`` with zeros prepended along ``dim`` up to ``width`` (a mask's padding, or KV the mask hides)."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
@@ -689,6 +794,8 @@ class Health(BaseModel):
     queued: int
     batches: int
     sequences: int
+    decode_steps: int
+    decoded_rows: int
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -802,6 +909,8 @@ def create_app(engine: ServeEngine, max_body_bytes: int = MAX_BODY_BYTES) -> Any
             "queued": engine.queued,
             "batches": engine.batches,
             "sequences": engine.sequences,
+            "decode_steps": engine.decode_steps,
+            "decoded_rows": engine.decoded_rows,
         }
         return JSONResponse(body, status_code=200 if engine.alive else 503)
 
