@@ -454,3 +454,78 @@ def test_a_client_that_leaves_mid_stream_frees_the_worker() -> None:
     finally:
         uv.should_exit = True
         thread.join(30)
+
+
+def _recording_job(engine: ServeEngine, adapter: str | None, prompt: list[int], max_tokens: int) -> tuple[Job, list]:
+    """A greedy single-choice job whose events (with the time they came) land in a list."""
+    events: list = []
+    job = Job(adapter or BASE, adapter, [prompt], 1, max_tokens, 0.0, 1.0, [], None, False)
+    job.emit = lambda event: events.append((time.perf_counter(), *event))  # type: ignore[method-assign]
+    return job, events
+
+
+def test_a_short_request_finishes_while_a_long_one_decodes() -> None:
+    """Continuous batching: a request that arrives mid-way joins the running batch at the next step
+    and leaves when done, long before the request already running ends."""
+    engine = ServeEngine(BASE, max_batch_size=4)
+    engine.eos_ids = set()  # every row runs to its max_tokens
+    engine.start()
+    try:
+        long, long_events = _recording_job(engine, None, engine.encode_text("Tell me about the sea"), 300)
+        short, short_events = _recording_job(engine, None, engine.encode_text("Hi"), 3)
+        engine.submit(long)
+        deadline = time.time() + 30
+        while engine.decode_steps < 5 and time.time() < deadline:
+            time.sleep(0.001)
+        engine.submit(short)
+        while not short_events and time.time() < deadline:
+            time.sleep(0.001)
+        assert short_events and short_events[-1][1] == "done"
+        steps_when_short_ended = engine.decode_steps
+        while not long_events and time.time() < deadline:
+            time.sleep(0.005)
+    finally:
+        engine.stop(30)
+    assert short_events[-1][0] < long_events[-1][0], "the short request waited for the long one"
+    assert steps_when_short_ended < 100  # the long request had about 290 steps to go
+    assert engine.largest_batch == 2 and engine.batches == 2  # two prefills, one shared batch
+    assert long_events[-1][4] == "length" and long_events[-1][5] == 300
+
+
+def test_rows_that_join_mid_way_decode_as_they_would_alone(adapters: dict[str, Path]) -> None:
+    """The merged, left-padded KV cache changes nothing: each row (base or either adapter, prompts of
+    different lengths, joining at different steps) decodes the same greedy tokens as alone."""
+    from rlhfkit.serving.server import _Batch
+
+    engine = ServeEngine(BASE, adapters, max_batch_size=8)
+    engine.eos_ids = set()
+    prompts = [engine.encode_text(p) for p in ("Hi", "Write one line about the sea, please, now", "Name a colour")]
+    plan = [(None, prompts[0], 20), ("alpha", prompts[1], 12), ("beta", prompts[2], 9), ("alpha", prompts[0], 5)]
+    alone = []
+    for adapter, prompt, max_tokens in plan:
+        job, events = _recording_job(engine, adapter, prompt, max_tokens)
+        engine._generate([job])
+        alone.append(events[-1][3])
+    assert len(set(alone[:3])) == 3, "the adapters must change the output, or a leak would go unseen"
+
+    names_seen: list[list[str]] = []
+    forward = engine._forward
+
+    def recording_forward(ids, mask, positions, cache, names):  # type: ignore[no-untyped-def]
+        names_seen.append(list(names))
+        return forward(ids, mask, positions, cache, names)
+
+    engine._forward = recording_forward  # type: ignore[method-assign]
+    batch, together = _Batch(), []
+    for k, (adapter, prompt, max_tokens) in enumerate(plan):
+        job, events = _recording_job(engine, adapter, prompt, max_tokens)
+        together.append(events)
+        engine._join(batch, [job])
+        for _ in range(k + 2):  # the others have decoded a few steps when the next one joins
+            if batch.rows:
+                engine._step(batch)
+    while batch.rows:
+        engine._step(batch)
+    assert [events[-1][3] for events in together] == alone
+    assert any(len(set(names)) == 3 for names in names_seen), "no decode step mixed the base and two adapters"
+    assert batch.mask.shape == (0, 0)  # everything left; the batch is empty again
