@@ -731,3 +731,46 @@ def test_demo_bad_config_file(tmp_path: Path) -> None:
     config.write_text("quick: maybe\n", encoding="utf-8")
     line = user_error("demo", "--config", config)
     assert str(config) in line and "'quick'" in line and "bool" in line
+
+
+_MMAP_PROBE = """
+import ctypes, sys
+from rlhfkit.cli import keep_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+applied = keep_freed_memory() if sys.argv[1] == "tuned" else False
+before = libc.mallinfo2().hblkhd  # bytes held in mmap'd blocks
+block = libc.malloc(16 * 1024 * 1024)  # over glibc's default 128 kB mmap threshold, under 32 MiB
+print(applied, libc.mallinfo2().hblkhd - before)
+libc.free(block)
+"""
+
+
+def test_the_cli_keeps_freed_memory_in_the_allocator(tmp_path: Path) -> None:
+    """With ``keep_freed_memory`` a 16 MB block comes from the heap (kept on free), not a fresh mmap."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("ctypes")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+
+    def probe(mode: str, **extra: str) -> tuple[str, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", _MMAP_PROBE, mode], env={**env, **extra}, capture_output=True, text=True, check=True
+        )
+        applied, mapped = out.stdout.split()
+        return applied, int(mapped)
+
+    assert probe("plain") == ("False", 16 * 1024 * 1024 + 4096)  # glibc's default: its own mmap
+    assert probe("tuned") == ("True", 0)
+    assert probe("tuned", GLIBC_TUNABLES="glibc.malloc.check=0")[0] == "False"  # the user's setting wins
