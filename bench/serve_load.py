@@ -142,7 +142,9 @@ def export_revision(rev: str, into: Path) -> tuple[Path | None, str]:
     return into / "src", ""
 
 
-def rlhfkit_engine(label: str, args: argparse.Namespace, adapters: dict[str, Path], src: Path | None) -> Engine:
+def rlhfkit_engine(
+    label: str, args: argparse.Namespace, adapters: dict[str, Path], src: Path | None
+) -> tuple[Engine | None, str]:
     """`rlhf serve` on the base and the adapters; with ``src``, the rlhfkit package found there."""
     port = free_port()
     command = [sys.executable, "-m", "rlhfkit", "serve", "--base", args.model, "--port", str(port)]
@@ -157,8 +159,8 @@ def rlhfkit_engine(label: str, args: argparse.Namespace, adapters: dict[str, Pat
             [sys.executable, "-c", "import rlhfkit; print(rlhfkit.__file__)"], env=env, capture_output=True, text=True
         ).stdout.strip()
         if not found.startswith(str(src)):
-            raise SystemExit(f"{label}: PYTHONPATH={src} still imports rlhfkit from {found or '(nothing)'}")
-    return Engine(label, command, env, f"http://127.0.0.1:{port}/health", [args.model, *adapters])
+            return None, f"PYTHONPATH={src} still imports rlhfkit from {found or '(nothing)'}"
+    return Engine(label, command, env, f"http://127.0.0.1:{port}/health", [args.model, *adapters]), ""
 
 
 def llamacpp_engine(args: argparse.Namespace) -> tuple[Engine | None, str]:
@@ -374,17 +376,22 @@ def report(engines: list[Engine], skipped: dict[str, str], facts: dict, args: ar
             f"Greedy answers of `rlhf serve` equal to `today`'s (same model and prompt): {same} / {len(keys)}."
         )
     llama = engines_by_label.get("llama.cpp")
-    if llama:
-        gguf_mb = _llamacpp.gguf_path().stat().st_size / 1e6
-        fp32_mb = floors[min(floors)]["weight_bytes"] / 1e6
-        other_model = (
-            f" This run's model is {args.model}, not SmolLM2: compare nothing." if "smollm2" not in args.model else ""
-        )
+    if llama and "smollm2" not in args.model:
+        notes.append(f"llama.cpp ({llama.note}) serves SmolLM2-135M, not {args.model}: compare nothing.")
+    elif llama:
+        gguf_bytes = _llamacpp.gguf_path().stat().st_size
+        ref = one or floors[min(floors)]
+        # Its own batch-1 memory floor: the GGUF's bytes per token, the same KV reads at f16 (llama.cpp's default).
+        kv_f16 = (ref["memory_bytes"] - args.max_tokens * ref["weight_bytes"]) / 2
+        own_floor = args.max_tokens / ((args.max_tokens * gguf_bytes + kv_f16) / (gbps * 1e9))
+        row = next((r for r in llama.rows if r["clients"] == 1), None)
+        at_own = f"; 1 client at {row['tok/s'] / own_floor:.2f} of it" if row else ""
         notes.append(
             f"llama.cpp ({llama.note}) is not like for like: it has no adapters, so every request goes to the base; "
-            f"it quantises the weights (Q4_1: {gguf_mb:.0f} MB of GGUF against {fp32_mb:.0f} MB of fp32 weights, "
-            f"{fp32_mb / gguf_mb:.1f}x fewer bytes read per token, so the fp32 floors do not bound it) where rlhfkit "
-            "computes in fp32 (from the same GGUF, dequantised); it runs one request at a time." + other_model
+            f"it quantises the weights (Q4_1: {gguf_bytes / 1e6:.0f} MB of GGUF against "
+            f"{ref['weight_bytes'] / 1e6:.0f} MB of fp32 weights) where rlhfkit computes in fp32 (from the same GGUF, "
+            f"dequantised), so the fp32 floors do not bound it: its own batch-1 memory floor (the GGUF's bytes and an "
+            f"f16 KV cache per token) is {own_floor:.0f} tok/s{at_own}. It runs one request at a time."
         )
     notes.append(
         "floor tok/s: `decode_floors` (bench/_floors.py) for `clients` rows of "
@@ -442,12 +449,13 @@ def main() -> None:
     for key in ENGINES:
         if key not in wanted:
             continue
-        label = ENGINES[key]
+        label, engine = ENGINES[key], None
         if key == "today":
             src, reason = export_revision(args.baseline_rev, work / "baseline")
-            engine = rlhfkit_engine(label, args, adapters, src) if src else None
+            if src is not None:
+                engine, reason = rlhfkit_engine(label, args, adapters, src)
         elif key == "serve":
-            engine, reason = rlhfkit_engine(label, args, adapters, None), ""
+            engine, reason = rlhfkit_engine(label, args, adapters, None)
         else:
             engine, reason = llamacpp_engine(args)
         if engine is not None:
@@ -464,27 +472,7 @@ def main() -> None:
     facts = {"cfg": cfg, "prompt_len": prompt_len, "gflops": gflops, "gbps": gbps}
     wall = time.perf_counter() - started
 
-    m = machine()
-    baseline = subprocess.run(
-        ["git", "rev-parse", "--short", args.baseline_rev], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    command = "GLIBC_TUNABLES=... .venv/bin/python bench/serve_load.py " + " ".join(sys.argv[1:])
-    header = (
-        f"Measured {time.strftime('%Y-%m-%d')} on {m['cores']} cores ({m['cpu']}; {m['isa']}; {m['memory']} RAM), "
-        f"Python {m['python']}: `{command.strip()}` ({wall / 60:.1f} min). "
-        f"{args.model} + 2 random LoRA adapters (tuned-a, tuned-b; r 16 on the top {min(4, cfg['num_hidden_layers'])} "
-        f"layers), requests cycling base / "
-        f"tuned-a / tuned-b over {len(PROMPTS)} chat prompts, greedy, max_tokens {args.max_tokens}, "
-        f"rlhf serve max batch {args.max_batch_size or 'its default'}; each engine its own server process, one "
-        f"after the other, every client sending requests back to back. `today` = the engine at {baseline or '?'}, "
-        f"`rlhf serve` = the working tree (HEAD {head.stdout.strip() or '?'}"
-        f"{', with uncommitted changes' if dirty() else ''}). "
-        f"Machine, measured in this run (start / end; the floors use the better): fp32 matmul 2048^3 "
-        f"{rates_start['gflops']:.0f} / {rates_end['gflops']:.0f} GFLOP/s; memory read-only sum "
-        f"{rates_start['read']:.1f} / {rates_end['read']:.1f} GB/s, copy (read + written) {rates_start['copy']:.1f} / "
-        f"{rates_end['copy']:.1f} GB/s; servers with `GLIBC_TUNABLES={GLIBC_TUNABLES}`."
-    )
+    header = describe_run(args, wanted, cfg, rates_start, rates_end, wall)
     body = header + "\n\n" + report(engines, skipped, facts, args)
     print()
     print(body)
@@ -494,6 +482,50 @@ def main() -> None:
         log(f"updated {results}")
     for folder in ("baseline", *ADAPTERS):  # the server logs stay
         shutil.rmtree(work / folder, ignore_errors=True)
+
+
+def describe_run(
+    args: argparse.Namespace, wanted: list[str], cfg: dict, rates_start: dict, rates_end: dict, wall: float
+) -> str:
+    """The paragraph above the table: date, machine, command, what was served, the machine's rates."""
+    m = machine()
+
+    def short(rev: str) -> str:
+        out = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip() or "?"
+
+    command = " ".join(["GLIBC_TUNABLES=... .venv/bin/python bench/serve_load.py", *sys.argv[1:]])
+    parts = [
+        f"Measured {time.strftime('%Y-%m-%d')} on {m['cores']} cores ({m['cpu']}; {m['isa']}; {m['memory']} RAM), "
+        f"Python {m['python']}: `{command}` ({wall / 60:.1f} min)."
+    ]
+    if {"today", "serve"} & set(wanted):
+        layers = min(4, cfg["num_hidden_layers"])
+        parts.append(
+            f"{args.model} + 2 random LoRA adapters (tuned-a, tuned-b; r 16 on the top {layers} layers), requests "
+            f"cycling base / tuned-a / tuned-b"
+        )
+    else:
+        parts.append(f"{args.model}, every request to the base")
+    parts[-1] += (
+        f" over {len(PROMPTS)} chat prompts, greedy, max_tokens {args.max_tokens}; each engine its own server "
+        "process, one after the other, every client sending requests back to back."
+    )
+    if "today" in wanted:
+        parts.append(f"`today` = the engine at {short(args.baseline_rev)}.")
+    if "serve" in wanted:
+        changes = ", with uncommitted changes" if dirty() else ""
+        parts.append(
+            f"`rlhf serve` = the working tree (HEAD {short('HEAD')}{changes}), "
+            f"max batch {args.max_batch_size or 'its default'}."
+        )
+    parts.append(
+        f"Machine, measured in this run (start / end; the floors use the better): fp32 matmul 2048^3 "
+        f"{rates_start['gflops']:.0f} / {rates_end['gflops']:.0f} GFLOP/s; memory read-only sum "
+        f"{rates_start['read']:.1f} / {rates_end['read']:.1f} GB/s, copy (read + written) {rates_start['copy']:.1f} / "
+        f"{rates_end['copy']:.1f} GB/s; servers with `GLIBC_TUNABLES={GLIBC_TUNABLES}`."
+    )
+    return " ".join(parts)
 
 
 def dirty() -> bool:
