@@ -91,7 +91,8 @@ class Harness:
                 self.full_cost[key] = json.loads(meta.read_text())
         return self.store[key]
 
-    def _cached(self, model, split, seqs, pad_id, batch_size=32):
+    def _cached(self, model, split, seqs, pad_id, batch_size=32, **_storage):
+        """The memo in memory whatever storage the run asks for (levers here are about accuracy, not memory)."""
         t0 = time.perf_counter()
         store = self._load(split)
         self.last_split = split

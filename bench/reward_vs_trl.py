@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (
     BENCH,
     CACHE,
-    GLIBC_TUNABLES,
     OUR_PYTHON,
     ensure_trl_venv,
     log,
     machine,
+    measured_line,
     our_versions,
     run_worker,
     write_results_section,
@@ -49,6 +49,11 @@ TRL_VERSION = "1.16.0"
 DIFFERENCES = [
     "rlhfkit runs the frozen lower layers once per unique sequence and reuses their output in every epoch "
     "(`cache_lower`, its default); TRL runs the whole model on every step. Same loss, same trainable weights.",
+    "rlhfkit's memory defaults (exact): the cached states go to an unlinked temporary file read back per batch "
+    "(`--cache-storage disk`); each frozen layer's weights leave memory once a batch is through it, and after the "
+    "pass the frozen layers, embeddings and LM head are freed (`--release-lower`); each step's 16 pairs run through "
+    "the trained layers in chunks of at most 8 sequences with their gradients summed (`--micro-batch 8`): the same "
+    "step in another float summation order. TRL holds the whole model and runs each batch at once.",
     "Score head: rlhfkit's has a bias, Llama's `score` in TRL has none; a constant shift cancels in the pairwise "
     "loss. Both start from the same seeded weights.",
     "Learning-rate warm-up: the same number of steps; rlhfkit's first step uses lr/warmup, TRL's 0.",
@@ -144,7 +149,8 @@ def settings_rows(s: dict[str, Any], prep: dict[str, Any], trl: dict | None) -> 
     ]
     rows = [(name, value, "same") for name, value in same]
     rows += [
-        ("frozen lower layers", "run once, cached for every epoch", "run on every step"),
+        ("frozen lower layers", "run once, cached (on disk) for every epoch, then freed", "run on every step"),
+        ("forward/backward per step", "chunks of <= 8 sequences, gradients summed", "the whole batch"),
         ("optimizer", "torch AdamW", f"{(trl or {}).get('optim', 'Trainer default')}"),
         ("gradient checkpointing", "no", "yes" if s["trl_gradient_checkpointing"] else "no (TRL's default is yes)"),
     ]
@@ -152,12 +158,12 @@ def settings_rows(s: dict[str, Any], prep: dict[str, Any], trl: dict | None) -> 
 
 
 def markdown_report(s: dict[str, Any], prep: dict, ours: dict | None, trl: dict | None, env: dict) -> str:
-    lines = [
-        f"Measured {env['date']} on {env['cores']} cores ({env['cpu']}; {env['isa']}; {env['memory']} RAM), "
-        f"Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
-        f"accelerate {env['accelerate']}, TRL {TRL_VERSION}; `GLIBC_TUNABLES={GLIBC_TUNABLES}` for both runs; "
-        "each side in its own process, one after the other.",
-        "",
+    lines = [measured_line(env, TRL_VERSION), ""]
+    if ours and trl:
+        speedup = ours["pairs_per_second"] / trl["pairs_per_second"]
+        ratio = ours["peak_rss_mb"] / trl["peak_rss_mb"]
+        lines += [f"rlhfkit / TRL: {speedup:.2f}x the training speed at {ratio:.2f}x the peak RSS.", ""]
+    lines += [
         f"| | rlhfkit | TRL {TRL_VERSION} RewardTrainer |",
         "|---|---|---|",
     ]
@@ -228,6 +234,10 @@ def main() -> None:
     (work / "prepared.json").write_text(json.dumps(prep, indent=2) + "\n")
     log(f"{prep['train_pairs']} training pairs, {prep['eval_pairs']} held out")
 
+    from _floors import matmul_gflops
+
+    gflops_start = matmul_gflops()
+    log(f"fp32 matmul: {gflops_start:.0f} GFLOP/s")
     ours = trl = None
     common = [str(work / "settings.json"), str(work / "prepared.json")]
     if args.only in ("both", "ours"):
@@ -243,7 +253,16 @@ def main() -> None:
         )
         trl = summarise(rows)
 
-    env = {**machine(), **our_versions(), "date": time.strftime("%Y-%m-%d")}
+    gflops_end = matmul_gflops()
+    log(f"fp32 matmul: {gflops_end:.0f} GFLOP/s")
+    env = {
+        **machine(),
+        **our_versions(),
+        "date": time.strftime("%Y-%m-%d"),
+        "gflops_start": gflops_start,
+        "gflops_end": gflops_end,
+        "quick": args.quick,
+    }
     report = markdown_report(settings, prep, ours, trl, env)
     print_tables(settings, prep, ours, trl, env)
     (work / "report.md").write_text(report + "\n")

@@ -15,13 +15,22 @@ from safetensors.torch import load_file
 from rlhfkit.data import PreferenceRecord, write_jsonl
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import left_pad
-from rlhfkit.models import load_causal_lm, load_tokenizer, right_pad
+from rlhfkit.models import (
+    build_trunk,
+    cache_lower,
+    drop_mapped_pages,
+    load_causal_lm,
+    load_tokenizer,
+    release_lower,
+    right_pad,
+)
 from rlhfkit.reward import (
     RewardModel,
     RewardTrainConfig,
     bradley_terry_loss,
     join_for_reward,
     load_reward_model,
+    micro_batches,
     new_head,
     pairwise_accuracy,
     score_texts,
@@ -512,3 +521,116 @@ def test_probe_alone_with_zero_epochs(tmp_path: Path) -> None:
     assert good > bad
     with pytest.raises(ValueError, match="epochs"):
         RewardTrainConfig(data="x", out="y", epochs=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The lower-layer cache's storage and the release of the frozen layers (reward-model memory)
+
+
+def test_lower_cache_storages_return_what_was_stored(tmp_path: Path) -> None:
+    model, tok = load_causal_lm("tiny-random"), load_tokenizer("tiny-random")
+    seqs = [tok(t)["input_ids"] for t in ("one two three four", "five", "six seven", "eight nine ten")]
+    memory = cache_lower(model, 1, seqs, tok.pad_token_id, batch_size=3)
+    disk = cache_lower(model, 1, seqs, tok.pad_token_id, batch_size=3, storage="disk", directory=tmp_path / "c")
+    half = cache_lower(model, 1, seqs, tok.pad_token_id, batch_size=3, storage="fp16")
+    dropped = cache_lower(model, 1, seqs, tok.pad_token_id, batch_size=3, drop_pages=True)
+    assert drop_mapped_pages(model.model.layers[0]) > 0  # the weights are a map of the safetensors file
+    again = cache_lower(model, 1, seqs, tok.pad_token_id, batch_size=3)  # read back from the file
+    assert len(memory) == len(disk) == len(half) == len(seqs)
+    assert list((tmp_path / "c").iterdir()) == []  # the file is unlinked from the start
+    assert disk.nbytes == memory.nbytes == sum(len(s) for s in seqs) * model.config.hidden_size * 4
+    assert half.nbytes == memory.nbytes // 2
+    for i, seq in enumerate(seqs):
+        assert memory[i].shape == (len(seq), model.config.hidden_size)
+        assert torch.equal(disk[i], memory[i])  # exact
+        assert torch.equal(dropped[i], memory[i]) and torch.equal(again[i], memory[i])
+        assert half[i].dtype == torch.float32
+        assert torch.allclose(half[i], memory[i], rtol=1e-3, atol=1e-3)  # rounded to fp16
+    assert [t.shape for t in disk] == [t.shape for t in memory]
+    disk.close()
+    with pytest.raises(RlhfkitError, match="storage 'zip'"):
+        cache_lower(model, 1, seqs, tok.pad_token_id, storage="zip")
+    with pytest.raises(ValueError, match="cache_storage"):
+        RewardTrainConfig(data="d", out="o", cache_storage="zip")
+    with pytest.raises(ValueError, match="micro_batch"):
+        RewardTrainConfig(data="d", out="o", micro_batch=1)
+
+
+def test_micro_batches_keep_pairs_in_order_under_the_sequence_limit() -> None:
+    refs = [(0, 1), (0, 2), (1, 2), (3, 4), (3, 5), (6, 7), (8, 9)]
+    chunks = micro_batches(range(7), refs, 4)
+    assert chunks == [[0, 1, 2], [3, 4], [5, 6]]
+    assert [i for c in chunks for i in c] == list(range(7))
+    assert all(len({s for i in c for s in refs[i]}) <= 4 for c in chunks)
+    assert micro_batches([2, 0], refs, 0) == [[2, 0]]
+    assert micro_batches(range(3), refs, 2) == [[0], [1], [2]]
+
+
+def test_released_trunk_scores_from_the_cache_as_the_whole_model_does(tmp_path: Path) -> None:
+    tok = load_tokenizer("tiny-random")
+    trunk, split = build_trunk(load_causal_lm("tiny-random"), False, 4, 8, 1)
+    model = RewardModel(trunk, new_head(trunk.get_base_model().config.hidden_size, seed=0), split, "last+mean")
+    seqs = [tok(t)["input_ids"] for t in ("a longer sequence of several words", "short", "three more words")]
+    starts = torch.tensor([2, 1, 1])
+    ids, mask = right_pad(seqs, tok.pad_token_id)
+    with torch.no_grad():
+        whole = model(ids, mask, starts)
+    cache = cache_lower(trunk, split, seqs, tok.pad_token_id, storage="disk", directory=tmp_path)
+    release_lower(trunk, split)
+    params = sum(p.numel() for p in trunk.parameters() if not p.requires_grad)
+    assert params < 0.5 * sum(p.numel() for p in load_causal_lm("tiny-random").parameters())
+    lower = torch.zeros(len(seqs), ids.shape[1], trunk.get_base_model().config.hidden_size)
+    for i, s in enumerate(seqs):
+        lower[i, : len(s)] = cache[i]
+    with torch.no_grad():
+        assert torch.allclose(model(None, mask, starts, lower=lower), whole, atol=1e-6)
+    with pytest.raises(RlhfkitError, match="released"):
+        model(ids, mask, starts)
+
+
+def test_disk_cache_released_layers_and_micro_batches_train_as_the_plain_path(tmp_path: Path) -> None:
+    """The memory levers change where numbers live, not the numbers: the disk cache with the frozen
+    layers released trains exactly as the in-memory cache; micro-batches add the same gradient up in
+    another order (float rounding, which Adam's normalised steps magnify a little over the run)."""
+    data = synthetic_preferences(tmp_path / "prefs.jsonl", n=60)
+    runs = {}
+    for name, storage, release, micro in (
+        ("plain", "memory", False, 0),
+        ("lean", "disk", True, 0),
+        ("micro", "disk", True, 3),
+    ):
+        cfg = RewardTrainConfig(
+            data=str(data),
+            out=str(tmp_path / name),
+            model="tiny-random",
+            trainable_layers=1,
+            epochs=2,
+            batch_size=8,
+            learning_rate=1e-2,
+            pooling="last+mean",
+            head_init="probe",
+            cache_storage=storage,
+            release_lower=release,
+            micro_batch=micro,
+        )
+        metrics = train_reward_model(cfg, show_summary=False)
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = (metrics, [r["loss"] for r in rows if "loss" in r])
+        assert not [p for p in (tmp_path / name).iterdir() if p.name.startswith(".lower-cache-")]
+    plain, plain_losses = runs["plain"]
+    assert len(plain_losses) > 4
+    keys = ("eval_loss", "eval_accuracy", "score_mean", "score_std", "train_accuracy")
+    for name, tolerance in (("lean", 1e-6), ("micro", 1e-3)):
+        metrics, losses = runs[name]
+        assert losses[0] == pytest.approx(plain_losses[0], rel=1e-6), name  # before any update
+        assert losses == pytest.approx(plain_losses, rel=tolerance, abs=1e-6), name
+        for key in keys:
+            assert metrics[key] == pytest.approx(plain[key], rel=tolerance, abs=1e-6), (name, key)
+    # the directories reload (the whole base model again) and score as trained
+    texts = [" ".join(GOOD[:6]), " ".join(BAD[:6])]
+    scores = {}
+    for name in runs:
+        model, tok, _ = load_reward_model(tmp_path / name)
+        scores[name] = score_texts(model, tok, ["Describe it.", "Describe it."], texts)
+    assert scores["lean"] == pytest.approx(scores["plain"], rel=1e-6, abs=1e-6)
+    assert scores["micro"] == pytest.approx(scores["plain"], rel=1e-3, abs=1e-6)

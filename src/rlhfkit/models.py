@@ -21,6 +21,8 @@ frozen layers are never recomputed for every epoch.
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import math
 import os
 import shutil
 import tempfile
@@ -433,34 +435,237 @@ def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
+CACHE_STORAGES = ("memory", "disk", "fp16", "bf16")
+
+
+class LowerCache(Sequence[torch.Tensor]):
+    """The frozen lower layers' output of every sequence, indexed like the sequences ``cache_lower`` got.
+
+    ``storage``:
+
+    - ``memory``: each sequence's states as computed (the model's dtype, on its device), resident;
+    - ``disk``: as computed, exact, written to an unlinked temporary file in ``directory`` (the system's
+      temporary folder when None) and read back one sequence at a time with plain reads
+      (``os.pread``), so the states are not part of the process's memory: the OS page cache holds what
+      fits, outside the RSS (a memory map of the file would count in the RSS once touched). Items come
+      back on the CPU; the file is gone when the cache is closed or the process ends, killed or not;
+    - ``fp16`` / ``bf16``: resident at 2 bytes a number, cast back to the computed dtype when read
+      (lossy: about 3 significant digits for fp16, 2 for bf16; fp16 overflows past 65504).
+    """
+
+    def __init__(self, n: int, storage: str = "memory", directory: str | Path | None = None) -> None:
+        if storage not in CACHE_STORAGES:
+            raise RlhfkitError(f"lower-layer cache storage {storage!r}: expected one of {', '.join(CACHE_STORAGES)}")
+        self.storage = storage
+        self._items: list[torch.Tensor | None] = [None] * n
+        self._where: list[tuple[int, tuple[int, ...], torch.dtype] | None] = [None] * n
+        self._file = None
+        self._size = 0
+        self.nbytes = 0
+        """Bytes held: in memory (``memory``, ``fp16``, ``bf16``) or in the file (``disk``)."""
+        if storage == "disk":
+            if directory is not None:
+                Path(directory).mkdir(parents=True, exist_ok=True)
+            # Open for the cache's life (closed by ``close`` or at exit); unlinked from the start.
+            self._file = tempfile.TemporaryFile(prefix=".lower-cache-", dir=directory)  # noqa: SIM115
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, i: int, hidden: torch.Tensor) -> None:
+        """Store sequence ``i``'s states ``(length, d)``."""
+        if self._file is not None:
+            data = hidden.detach().to("cpu").contiguous()
+            raw = memoryview(data.view(torch.uint8).numpy()).cast("B") if data.numel() else b""
+            if os.pwrite(self._file.fileno(), raw, self._size) != len(raw):
+                raise RlhfkitError("lower-layer cache file: short write (is the disk full?)")
+            self._where[i] = (self._size, tuple(data.shape), data.dtype)
+            self._size += len(raw)
+            self.nbytes += len(raw)
+            return
+        if self.storage in ("fp16", "bf16"):
+            self._where[i] = (0, tuple(hidden.shape), hidden.dtype)
+            hidden = hidden.to(DTYPES[self.storage])
+        item = hidden.clone()
+        self._items[i] = item
+        self.nbytes += item.numel() * item.element_size()
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        if self._file is not None:
+            where = self._where[i]
+            if where is None:
+                raise KeyError(f"lower-layer cache: sequence {i} was never stored")
+            offset, shape, dtype = where
+            size = math.prod(shape) * dtype.itemsize
+            buffer = bytearray(size)
+            if size and os.preadv(self._file.fileno(), [buffer], offset) != size:
+                raise RlhfkitError(f"lower-layer cache file: short read of sequence {i} (was the disk full?)")
+            return torch.frombuffer(buffer, dtype=dtype).view(shape) if size else torch.empty(shape, dtype=dtype)
+        item = self._items[i]
+        if item is None:
+            raise KeyError(f"lower-layer cache: sequence {i} was never stored")
+        where = self._where[i]
+        return item.to(where[2]) if where is not None else item
+
+    def close(self) -> None:
+        """Free the states (and remove the file)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._items = [None] * len(self._items)
+
+
 @torch.no_grad()
 def cache_lower(
-    model: nn.Module, split: int, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 32
-) -> list[torch.Tensor]:
+    model: nn.Module,
+    split: int,
+    seqs: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 32,
+    storage: str = "memory",
+    directory: str | Path | None = None,
+    drop_pages: bool = False,
+) -> LowerCache:
     """The output of the first ``split`` (frozen) layers for every sequence, once, unpadded.
 
     Training that adapts only the layers above reads these instead of rerunning the frozen ones on
-    every epoch (the reward model, DPO). Length-sorted batches keep the padding small.
+    every epoch (the reward model, DPO). Length-sorted batches keep the padding small. ``storage``
+    and ``directory``: where the states are kept (``LowerCache``; ``memory`` by default).
+
+    ``drop_pages``: once a batch is through a frozen layer (and the embeddings), the pages of its
+    weights that are a memory map of the model file (how transformers loads safetensors on a CPU)
+    are handed back to the OS (``drop_mapped_pages``); the next batch reads them again from the page
+    cache. The pass then holds about one layer's weights at a time instead of all of them; the
+    numbers are the same. Weights the process owns (any other load) are left alone.
     """
     from rlhfkit.console import progress_bar
 
     device = model_device(model)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    cache: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
-    with progress_bar("cache frozen layers") as progress:
-        task = progress.add_task("cache", total=len(seqs), info="")
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            ids, mask = right_pad([seqs[i] for i in idx], pad_id)
-            hidden = lower_hidden(model, ids.to(device), mask.to(device), split)
-            for row, i in enumerate(idx):
-                cache[i] = hidden[row, : len(seqs[i])].clone()
-            progress.update(task, advance=len(idx))
+    cache = LowerCache(len(seqs), storage, directory)
+    decoder = decoder_of(model)
+    hooks: list = []
+    if drop_pages:
+        maps = _file_mappings()
+
+        def drop(module: nn.Module, _args: object, _output: object) -> None:  # returns None: output unchanged
+            drop_mapped_pages(module, maps)
+
+        hooks = [layer.register_forward_hook(drop) for layer in list(decoder.layers)[:split]]
+    try:
+        with progress_bar("cache frozen layers") as progress:
+            task = progress.add_task("cache", total=len(seqs), info="")
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                ids, mask = right_pad([seqs[i] for i in idx], pad_id)
+                hidden = lower_hidden(model, ids.to(device), mask.to(device), split)
+                if drop_pages:
+                    drop_mapped_pages(decoder.embed_tokens, maps)
+                for row, i in enumerate(idx):
+                    cache.put(i, hidden[row, : len(seqs[i])])
+                progress.update(task, advance=len(idx))
+    finally:
+        for hook in hooks:
+            hook.remove()
     return cache
+
+
+_MADV_DONTNEED = 4
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's private memory maps of regular files (Linux; else none)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[1].endswith("p") and fields[5].startswith("/"):
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((start, end))
+    except OSError:
+        return []
+    return ranges
+
+
+def drop_mapped_pages(module: nn.Module, maps: Sequence[tuple[int, int]] | None = None) -> int:
+    """Hand back to the OS the resident pages of ``module``'s CPU weights that lie in a private memory
+    map of a file (``maps``: ``_file_mappings()``, read now when None); returns the bytes advised.
+
+    For such a map the kernel drops the pages and reads them from the file again if they are touched
+    later (``MADV_DONTNEED``), so the numbers never change; only whole pages inside one tensor are
+    advised, never a page shared with a neighbour. Meant for frozen weights, never written since the
+    load (a page written since would read back as the file has it). Does nothing off Linux.
+    """
+    maps = _file_mappings() if maps is None else maps
+    if not maps:
+        return 0
+    import ctypes
+
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    advised = 0
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if tensor.device.type != "cpu" or not tensor.numel():
+            continue
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        if not any(lo <= start and end <= hi for lo, hi in maps):
+            continue
+        first, last = -(-start // page) * page, end // page * page
+        if last > first and madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0:
+            advised += last - first
+    return advised
+
+
+def release_lower(model: nn.Module, split: int) -> None:
+    """Free every weight only the frozen pass below ``split`` needs, once ``cache_lower`` has run.
+
+    The decoder layers below ``split`` become pass-throughs; the token embeddings and the LM head
+    (tied or not) are emptied: reward scoring from cached states reads neither. The weights that
+    stay (the layers from ``split`` up, the final norm) are copied out of the read-only memory map
+    transformers loads safetensors into, so that the map, with every page of the file the frozen
+    pass touched, is released with the last reference to it. Afterwards the model runs only from
+    cached lower states (``upper_hidden``); ``lower_hidden`` refuses it.
+    Trainable weights are left as they are (call it before the optimizer is made).
+    """
+    decoder = decoder_of(model)
+    if split <= 0:
+        return
+    for i in range(min(split, len(decoder.layers))):
+        decoder.layers[i] = _PassThrough()
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for module in (decoder.embed_tokens, getattr(inner, "lm_head", None)):
+        if isinstance(module, (nn.Embedding, nn.Linear)):
+            module.weight = nn.Parameter(module.weight.new_empty((0, module.weight.shape[-1])), requires_grad=False)
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.requires_grad:
+                param.data = param.data.clone()
+        for module in model.modules():
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                if buffer is not None:
+                    module._buffers[name] = buffer.clone()
+    decoder.released_below = split
+
+
+def check_not_released(model: nn.Module, what: str) -> None:
+    released = getattr(decoder_of(model), "released_below", 0)
+    if released:
+        raise RlhfkitError(
+            f"{what}: the frozen layers below {released} were released after their output was cached "
+            "(release_lower); run from the cached states (upper_hidden) instead"
+        )
 
 
 def lower_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, split: int) -> torch.Tensor:
     """Hidden states after the first ``split`` decoder layers (the residual stream, before norm)."""
+    check_not_released(model, "lower_hidden")
     decoder = decoder_of(model)
     if split == 0:
         return decoder.embed_tokens(input_ids)

@@ -43,6 +43,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,16 +67,19 @@ from rlhfkit.distributed import (
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import encode_prompts
 from rlhfkit.models import (
+    CACHE_STORAGES,
     DEFAULT_MODEL,
     DTYPE_HELP,
     build_trunk,
     cache_lower,
+    check_not_released,
     final_hidden,
     last_token_index,
     load_causal_lm,
     load_tokenizer,
     lower_hidden,
     model_device,
+    release_lower,
     resolve_dtype,
     right_pad,
     trainable_state,
@@ -118,6 +122,25 @@ class RewardTrainConfig:
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r).")
     trainable_layers: int = option(4, "LoRA on the top N transformer layers only (0 = every layer).")
     cache_lower: bool = option(True, "Run the frozen lower layers once and reuse their output each epoch.")
+    cache_storage: str = option(
+        "disk",
+        "Where the lower-layer cache lives: disk (exact; an unlinked temporary file in --out, read back per "
+        "batch, so not resident), memory (exact, resident: about 2.3 KB a token for SmolLM2 in fp32), fp16 or "
+        "bf16 (resident at half the bytes of fp32, rounded: lossy).",
+    )
+    micro_batch: int = option(
+        8,
+        "Most sequences (unique chosen and rejected completions) run through the trained layers at once; "
+        "a step's batch runs in such chunks and their gradients add up to the whole batch's (the same step, "
+        "less activation memory). 0 = the whole batch at once.",
+    )
+    release_lower: bool = option(
+        True,
+        "Free the frozen layers below the adapted ones as the lower-layer cache is built (each layer's "
+        "weights leave memory once a batch is through it and are read again for the next), and afterwards "
+        "those layers, the token embeddings and the LM head (training, held-out scoring and saving never "
+        "read them again). Exact.",
+    )
     max_length: int = option(256, "Longest prompt+completion in tokens; longer ones are cut.")
     dtype: str = option("auto", DTYPE_HELP)
     pooling: str = option(
@@ -168,6 +191,10 @@ class RewardTrainConfig:
             raise ValueError("patience must be >= 0")
         if self.head_init not in ("random", "probe"):
             raise ValueError(f"head_init must be random or probe, got {self.head_init!r}")
+        if self.micro_batch < 0 or self.micro_batch == 1:
+            raise ValueError(f"micro_batch must be 0 (off) or >= 2 (a pair's two sequences), got {self.micro_batch}")
+        if self.cache_storage not in CACHE_STORAGES:
+            raise ValueError(f"cache_storage must be one of {', '.join(CACHE_STORAGES)}, got {self.cache_storage!r}")
 
 
 def bradley_terry_loss(
@@ -284,6 +311,7 @@ class RewardModel(nn.Module):
         if lower is not None:
             hidden = upper_hidden(self.trunk, lower, attention_mask, self.split)
         else:
+            check_not_released(self.trunk, "reward scoring from token ids")
             hidden = final_hidden(self.trunk, input_ids, attention_mask)
         return hidden.to(self.head.weight.dtype)
 
@@ -624,7 +652,7 @@ class _Scorer:
         seqs: list[list[int]],
         starts: list[int],
         pad_id: int,
-        cache: list[torch.Tensor] | None,
+        cache: Sequence[torch.Tensor] | None,
         device: torch.device | str = "cpu",
     ):
         self.model, self.seqs, self.starts, self.pad_id, self.cache = model, seqs, starts, pad_id, cache
@@ -667,6 +695,25 @@ class _Scorer:
             chunk = order[s : s + batch_size]
             out.update(zip(chunk, self(chunk).tolist(), strict=True))
         return torch.tensor([out[i] for i in idx], device=self.device)
+
+
+def micro_batches(pair_idx: Sequence[int], pair_refs: Sequence[tuple[int, int]], limit: int) -> list[list[int]]:
+    """``pair_idx`` cut, in order, into chunks whose pairs hold at most ``limit`` unique sequences (0 = one
+    chunk). Pairs of one prompt sit side by side in a batch, so a chunk mostly ends where a prompt does
+    and a completion shared by several pairs still runs once."""
+    if limit <= 0:
+        return [list(pair_idx)]
+    chunks: list[list[int]] = []
+    seen: set[int] = set()
+    for i in pair_idx:
+        new = set(pair_refs[i]) - seen
+        if chunks and len(seen) + len(new) <= limit:
+            chunks[-1].append(i)
+            seen |= new
+        else:
+            chunks.append([i])
+            seen = set(pair_refs[i])
+    return chunks
 
 
 class PromptGroupedBatches:
@@ -841,7 +888,20 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
 
     margins = torch.tensor([r.margin for r in records], dtype=torch.float32, device=device)
     use_cache = cfg.cache_lower and not cfg.full and split > 0
-    cache = cache_lower(model.trunk, model.split, seqs, tokenizer.pad_token_id) if use_cache else None
+    cache = None
+    if use_cache:
+        pad = tokenizer.pad_token_id
+        cache = cache_lower(
+            model.trunk,
+            model.split,
+            seqs,
+            pad,
+            storage=cfg.cache_storage,
+            directory=out,
+            drop_pages=cfg.release_lower,
+        )
+        if cfg.release_lower:  # from here on the model runs from the cache only
+            release_lower(model.trunk, model.split)
     cache_seconds = time.perf_counter() - started
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -932,17 +992,30 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
                 # This rank's share of the pairs, through the wrapped model (a shared sequence runs once);
                 # its mean loss weighted so that the all-reduced gradient is the whole batch's.
                 mine = pair_idx[rank_slice(len(pair_idx), rank, world)]
-                unique, inverse = torch.unique(torch.tensor(flat(mine)), return_inverse=True)
-                scores = scorer(unique.tolist(), model)[inverse.to(device)]
-                chosen, rejected = scores[0::2], scores[1::2]
-                loss = bradley_terry_loss(chosen, rejected, margins[mine])
-                scale, finite = global_loss_scale(accelerator, len(mine), math.isfinite(float(loss.detach())))
+                # In chunks of at most --micro-batch sequences, gradients summed: the same step, less
+                # activation memory. Each chunk's loss is its pairs' share of the mean.
+                scale, _ = global_loss_scale(accelerator, len(mine))
+                chunks = micro_batches(mine, pair_refs, cfg.micro_batch)
+                loss_sum, chosen_parts, rejected_parts = 0.0, [], []
+                for k, chunk in enumerate(chunks):
+                    unique, inverse = torch.unique(torch.tensor(flat(chunk)), return_inverse=True)
+                    with accelerator.no_sync(model) if k < len(chunks) - 1 else nullcontext():
+                        scores = scorer(unique.tolist(), model)[inverse.to(device)]
+                        chosen, rejected = scores[0::2], scores[1::2]
+                        loss = bradley_terry_loss(chosen, rejected, margins[chunk])
+                        if len(chunks) > 1:
+                            loss = loss * (len(chunk) / len(mine))
+                        # NaN/inf: raised below, before the optimizer step, on every rank together
+                        accelerator.backward(loss * scale if scale != 1.0 else loss)
+                    loss_sum += float(loss.detach())
+                    chosen_parts.append(chosen.detach())
+                    rejected_parts.append(rejected.detach())
+                _, finite = global_loss_scale(accelerator, len(mine), math.isfinite(loss_sum))
                 if not finite:
                     raise RlhfkitError(
                         f"step {step + 1}: the loss turned NaN/inf (earlier weights are in checkpoints/); "
                         "start again with a lower --learning-rate"
                     )
-                accelerator.backward(loss * scale if scale != 1.0 else loss)
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -951,8 +1024,8 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
                 seconds = time.perf_counter() - t0
                 train_seconds += seconds
                 means = {
-                    "loss": float(loss.detach()),
-                    "accuracy": pairwise_accuracy(chosen.detach(), rejected.detach()),
+                    "loss": loss_sum,
+                    "accuracy": pairwise_accuracy(torch.cat(chosen_parts), torch.cat(rejected_parts)),
                 }
                 row = {
                     "step": step,
@@ -1021,6 +1094,8 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
         "seconds_per_100_pairs": round(100 * train_seconds / max(1, pairs_seen), 2),
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
+    if cache is not None and hasattr(cache, "close"):
+        cache.close()  # the disk cache's file goes now
     if main:
         _save_reward_model(model, tokenizer, out, cfg)
         write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
