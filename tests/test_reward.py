@@ -564,6 +564,10 @@ def test_micro_batches_keep_pairs_in_order_under_the_sequence_limit() -> None:
     assert all(len({s for i in c for s in refs[i]}) <= 4 for c in chunks)
     assert micro_batches([2, 0], refs, 0) == [[2, 0]]
     assert micro_batches(range(3), refs, 2) == [[0], [1], [2]]
+    # a prompt's pairs go into a chunk whole where they fit (0-2 share sequences; so do 3-4)
+    groups = ["p", "p", "p", "q", "q", "r", "s"]
+    assert micro_batches(range(7), refs, 5, groups) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert micro_batches(range(7), refs, 2, groups) == [[0], [1], [2], [3], [4], [5], [6]]
 
 
 def test_released_trunk_scores_from_the_cache_as_the_whole_model_does(tmp_path: Path) -> None:

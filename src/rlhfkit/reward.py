@@ -697,22 +697,45 @@ class _Scorer:
         return torch.tensor([out[i] for i in idx], device=self.device)
 
 
-def micro_batches(pair_idx: Sequence[int], pair_refs: Sequence[tuple[int, int]], limit: int) -> list[list[int]]:
+def micro_batches(
+    pair_idx: Sequence[int],
+    pair_refs: Sequence[tuple[int, int]],
+    limit: int,
+    group_of: Sequence[str] | None = None,
+) -> list[list[int]]:
     """``pair_idx`` cut, in order, into chunks whose pairs hold at most ``limit`` unique sequences (0 = one
-    chunk). Pairs of one prompt sit side by side in a batch, so a chunk mostly ends where a prompt does
-    and a completion shared by several pairs still runs once."""
+    chunk). ``group_of``: a key per pair (its prompt); consecutive pairs with one key go into a chunk
+    whole when they fit, so a completion shared by several pairs of a prompt still runs once. A group
+    larger than ``limit`` is cut pair by pair."""
     if limit <= 0:
         return [list(pair_idx)]
+    runs: list[list[int]] = []
+    for n, i in enumerate(pair_idx):
+        same = n > 0 and group_of is not None and group_of[i] == group_of[pair_idx[n - 1]]
+        if same:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
     chunks: list[list[int]] = []
     seen: set[int] = set()
-    for i in pair_idx:
-        new = set(pair_refs[i]) - seen
-        if chunks and len(seen) + len(new) <= limit:
-            chunks[-1].append(i)
-            seen |= new
-        else:
-            chunks.append([i])
-            seen = set(pair_refs[i])
+    for run in runs:
+        seqs = {s for i in run for s in pair_refs[i]}
+        if chunks and len(seen | seqs) <= limit:
+            chunks[-1].extend(run)
+            seen |= seqs
+            continue
+        if len(seqs) <= limit:
+            chunks.append(list(run))
+            seen = seqs
+            continue
+        for i in run:  # too large for one chunk: pair by pair
+            new = set(pair_refs[i]) - seen
+            if chunks and len(seen) + len(new) <= limit:
+                chunks[-1].append(i)
+                seen |= new
+            else:
+                chunks.append([i])
+                seen = set(pair_refs[i])
     return chunks
 
 
@@ -887,6 +910,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
         return [seq for i in pair_idx for seq in pair_refs[i]]
 
     margins = torch.tensor([r.margin for r in records], dtype=torch.float32, device=device)
+    prompt_of = [json.dumps(prompt_text(r.prompt)) for r in records]  # micro-batches keep a prompt's pairs whole
     use_cache = cfg.cache_lower and not cfg.full and split > 0
     cache = None
     if use_cache:
@@ -995,7 +1019,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
                 # In chunks of at most --micro-batch sequences, gradients summed: the same step, less
                 # activation memory. Each chunk's loss is its pairs' share of the mean.
                 scale, _ = global_loss_scale(accelerator, len(mine))
-                chunks = micro_batches(mine, pair_refs, cfg.micro_batch)
+                chunks = micro_batches(mine, pair_refs, cfg.micro_batch, prompt_of)
                 loss_sum, chosen_parts, rejected_parts = 0.0, [], []
                 for k, chunk in enumerate(chunks):
                     unique, inverse = torch.unique(torch.tensor(flat(chunk)), return_inverse=True)
