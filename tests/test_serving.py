@@ -306,6 +306,23 @@ def test_a_failing_batch_is_a_json_500_and_the_server_goes_on(
     assert server.client.completions.create(model="alpha", prompt="hi", max_tokens=2).choices[0].finish_reason
 
 
+def test_the_worker_outlives_a_failure_outside_the_forward(
+    server: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the scheduling itself is logged, and the request still gets its answer."""
+    admit, failures = server.engine._admit, []
+
+    def flaky(batch):  # type: ignore[no-untyped-def]
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("simulated scheduling failure")
+        return admit(batch)
+
+    monkeypatch.setattr(server.engine, "_admit", flaky)
+    out = server.client.completions.create(model="alpha", prompt="hi", max_tokens=2, temperature=0)
+    assert failures and out.choices[0].finish_reason and server.engine.alive
+
+
 def test_adapter_problems_are_clear_errors(tmp_path: Path, adapters: dict[str, Path]) -> None:
     full = tmp_path / "full-run"
     (full / "model").mkdir(parents=True)

@@ -387,26 +387,27 @@ class ServeEngine:
         long as it has room) and finished rows leave it, so a short request never waits for a long one."""
         batch = _Batch()
         while True:
-            with self._cond:
-                while not self._pending and not batch.rows and not self._stopping:
-                    self._cond.wait()
-                leftover: list[Job] = []
-                if self._stopping:  # finish the rows being decoded; nothing new joins
-                    leftover, newcomers = list(self._pending), []
-                    self._pending.clear()
-                else:
-                    newcomers = self._admit(batch)
-            for job in leftover:
-                job.emit(("error", 503, "The server is shutting down"))
-            if not batch.rows and not newcomers:
-                if self._stopping:
-                    break
-                continue
+            newcomers: list[Job] = []
             try:
+                with self._cond:
+                    while not self._pending and not batch.rows and not self._stopping:
+                        self._cond.wait()
+                    leftover: list[Job] = []
+                    if self._stopping:  # finish the rows being decoded; nothing new joins
+                        leftover = list(self._pending)
+                        self._pending.clear()
+                    else:
+                        newcomers = self._admit(batch)
+                for job in leftover:
+                    job.emit(("error", 503, "The server is shutting down"))
+                if not batch.rows and not newcomers:
+                    if self._stopping:
+                        break
+                    continue
                 if newcomers:
                     self._join(batch, newcomers)
                 self._step(batch)
-            except Exception:
+            except Exception:  # the worker must outlive any failure, or every later request would hang
                 jobs = list(dict.fromkeys([*(row.job for row in batch.rows), *newcomers]))
                 logger.exception("generation failed for a batch of %d request(s)", len(jobs))
                 for job in jobs:
