@@ -124,22 +124,18 @@ class RewardTrainConfig:
     cache_lower: bool = option(True, "Run the frozen lower layers once and reuse their output each epoch.")
     cache_storage: str = option(
         "disk",
-        "Where the lower-layer cache lives: disk (exact; an unlinked temporary file in --out, read back per "
-        "batch, so not resident), memory (exact, resident: about 2.3 KB a token for SmolLM2 in fp32), fp16 or "
-        "bf16 (resident at half the bytes of fp32, rounded: lossy).",
+        "Lower-layer cache: disk (exact, a temporary file in --out, not resident), memory (exact, resident), "
+        "fp16 or bf16 (resident, half the bytes, lossy).",
     )
     micro_batch: int = option(
         8,
-        "Most sequences (unique chosen and rejected completions) run through the trained layers at once; "
-        "a step's batch runs in such chunks and their gradients add up to the whole batch's (the same step, "
-        "less activation memory). 0 = the whole batch at once.",
+        "Most sequences through the trained layers at once; a step runs in chunks whose gradients add up "
+        "(less activation memory). 0 = the whole batch at once.",
     )
     release_lower: bool = option(
         True,
-        "Free the frozen layers below the adapted ones as the lower-layer cache is built (each layer's "
-        "weights leave memory once a batch is through it and are read again for the next), and afterwards "
-        "those layers, the token embeddings and the LM head (training, held-out scoring and saving never "
-        "read them again). Exact.",
+        "Free the frozen lower layers, embeddings and LM head once the lower-layer cache is built (and each "
+        "layer's pages while it is built). Exact.",
     )
     max_length: int = option(256, "Longest prompt+completion in tokens; longer ones are cut.")
     dtype: str = option("auto", DTYPE_HELP)
