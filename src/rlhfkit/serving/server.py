@@ -32,9 +32,10 @@ Why it is built this way:
 
 Limits: one process and one device (a GPU when there is one, else the CPU; seeded sampling
 reproduces on the same device, not across devices); a joining request's prefill pauses the running
-rows for one forward (no chunked prefill); models whose cache is not a plain growing one (sliding
-window layers) take new requests only when the running batch ends; ``logprobs``, penalties, tools
-and ``echo`` are refused with a 400.
+rows for one forward (no chunked prefill); the KV cache is a plain growing one for every model (a
+sliding-window model such as Gemma 3 keeps its whole context, as before), and a cache of any other
+kind would take new requests only when the running batch ends; ``logprobs``, penalties, tools and
+``echo`` are refused with a 400.
 """
 
 from __future__ import annotations
@@ -418,8 +419,8 @@ class ServeEngine:
         """Waiting jobs, oldest first, that fit beside the running batch (any adapter, the base included).
 
         First come, first served: a job that does not fit stops the admission, so a large request is
-        not overtaken forever by small ones. A cache that cannot be merged (a sliding-window model)
-        takes no one until the running batch ends.
+        not overtaken forever by small ones. A cache that cannot be merged (any layer other than a
+        plain growing one) takes no one until the running batch ends.
         """
         while self._pending and self._pending[0].cancelled:
             self._pending.popleft()
@@ -546,7 +547,7 @@ class _Batch:
 
     @property
     def mergeable(self) -> bool:
-        """Whether rows can join: every cache layer a plain growing one (no sliding window)."""
+        """Whether rows can join: every cache layer a plain growing one, which ``_Batch`` knows how to pad."""
         from transformers.cache_utils import DynamicLayer
 
         return self.cache is None or all(type(layer) is DynamicLayer for layer in self.cache.layers)
