@@ -533,7 +533,7 @@ def test_rows_that_join_mid_way_decode_as_they_would_alone(adapters: dict[str, P
         return forward(ids, mask, positions, cache, names)
 
     engine._forward = recording_forward  # type: ignore[method-assign]
-    batch, together = _Batch(), []
+    batch, together = _Batch(engine.device), []
     for k, (adapter, prompt, max_tokens) in enumerate(plan):
         job, events = _recording_job(engine, adapter, prompt, max_tokens)
         together.append(events)

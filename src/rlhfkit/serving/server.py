@@ -386,7 +386,7 @@ class ServeEngine:
     def _run(self) -> None:
         """Continuous batching: between two decode steps, waiting jobs join the running batch (as
         long as it has room) and finished rows leave it, so a short request never waits for a long one."""
-        batch = _Batch()
+        batch = _Batch(self.device)
         while True:
             newcomers: list[Job] = []
             try:
@@ -413,7 +413,7 @@ class ServeEngine:
                 logger.exception("generation failed for a batch of %d request(s)", len(jobs))
                 for job in jobs:
                     job.emit(("error", 500, "Internal error while generating; the server log has the details"))
-                batch = _Batch()
+                batch = _Batch(self.device)
 
     def _admit(self, batch: _Batch) -> list[Job]:
         """Waiting jobs, oldest first, that fit beside the running batch (any adapter, the base included).
@@ -522,7 +522,7 @@ class ServeEngine:
 
     def _generate(self, jobs: list[Job]) -> None:
         """Decode these jobs to their end as one batch, on the calling thread (tests and benchmarks)."""
-        batch = _Batch()
+        batch = _Batch(self.device)
         self._join(batch, jobs)
         while batch.rows:
             self._step(batch)
@@ -539,11 +539,12 @@ class _Batch:
     changes a row's output. Columns that no remaining row uses are cut off when rows leave.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = device
         self.rows: list[_Row] = []
         self.cache: Any = None
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
-        self.logits = torch.zeros(0)
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)
+        self.logits = torch.zeros(0, device=device)
 
     @property
     def mergeable(self) -> bool:
@@ -568,7 +569,7 @@ class _Batch:
         """Keep only these rows; drop the leading columns none of them uses."""
         self.rows = [self.rows[i] for i in indices]
         if not self.rows:
-            self.__init__()
+            self.__init__(self.device)
             return
         index = torch.tensor(indices, dtype=torch.long, device=self.mask.device)
         self.mask, self.logits = self.mask[index], self.logits[index]
