@@ -11,6 +11,11 @@ policy, reference, value and reward all on one frozen copy of the weights. For c
 benchmark also measures the peak RSS of holding four separate resident copies of the model (policy,
 reference, value, reward): the weights a four-model PPO holds before any activation or optimizer state.
 Set GLIBC_TUNABLES as the Makefile does: without it timings here swing up to 3x.
+
+``generate floor s``: the generate phase's matmul and attention FLOPs (``bench/_floors.py``
+``step_flops``: prefill of the left-padded prompts, ``max_new_tokens`` decode steps with the KV cache,
+the LM head on the last position) over the best fp32 2048^3 GEMM rate measured in the same child
+before and after its run (``fp32 GFLOP/s``); ``generate / floor`` is the measured median over it.
 """
 
 from __future__ import annotations
@@ -51,10 +56,14 @@ def make_reward_dir(model: str, folder: Path, trainable_layers: int) -> None:
 def child_ppo(args: argparse.Namespace) -> None:
     """Runs in a fresh process: a few PPO steps, then one JSON line of timings."""
     import torch
+    from _floors import matmul_gflops, step_flops
 
     from rlhfkit.data import write_jsonl
+    from rlhfkit.generation import encode_prompts
+    from rlhfkit.models import resolve_model_path
     from rlhfkit.rl.ppo import PPOConfig, PPOTrainer
 
+    gflops_before = matmul_gflops()
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="ppo-bench-"))
     make_reward_dir(args.model, work / "rm", args.trainable_layers)
@@ -76,6 +85,22 @@ def child_ppo(args: argparse.Namespace) -> None:
     )
     trainer = PPOTrainer(cfg)
     trainer.train()
+    gflops = max(gflops_before, matmul_gflops())
+    # The generate phase's floor: its matmul + attention FLOPs (bench/_floors.py) over the best fp32 GEMM
+    # rate measured before and after. Every batch is left-padded to its longest prompt; the widest prompt
+    # is used for all (the topics differ by a token or two), and every row decodes max_new_tokens.
+    model_cfg = json.loads((Path(resolve_model_path(args.model)) / "config.json").read_text())
+    width = max(
+        len(ids) for ids in encode_prompts(trainer.tokenizer, [f"Write a short poem about {t}." for t in topics])
+    )
+    settings = {
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "trainable_layers": args.trainable_layers,
+        "lora_r": cfg.lora_r,
+        "ppo_epochs": args.ppo_epochs,
+    }
+    generate_flops = step_flops(model_cfg, settings, width)["generate"]
     rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()][1:]  # warm-up
     tokens = [r["response_length"] * cfg.batch_size for r in rows]
     result = {
@@ -86,6 +111,9 @@ def child_ppo(args: argparse.Namespace) -> None:
         "train": statistics.median(r["time_train"] for r in rows),
         "gen_tokens_per_s": sum(tokens) / sum(r["time_generate"] for r in rows),
         "peak_rss_mb": peak_rss_mb(),
+        "gflops": gflops,
+        "generate_gflop": generate_flops / 1e9,
+        "generate_floor_s": generate_flops / (gflops * 1e9),
     }
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -137,8 +165,8 @@ def main() -> None:
         f"x mini-batch {args.mini_batch_size}, LoRA top {args.trainable_layers} layers"
     )
     table = Table(title=title)
-    for column in ("model", "s/step", "generate s", "score s", "train s", "gen tok/s", "peak RSS MB",
-                   "4 separate models RSS MB"):  # fmt: skip
+    for column in ("model", "s/step", "generate s", "generate floor s", "generate / floor", "score s", "train s",
+                   "gen tok/s", "peak RSS MB", "4 separate models RSS MB", "fp32 GFLOP/s"):  # fmt: skip
         table.add_column(column, justify="right")
     for model in args.models.split(","):
         ppo = run_child("ppo", model, args)
@@ -147,11 +175,14 @@ def main() -> None:
             model,
             f"{ppo['seconds_per_step']:.2f}",
             f"{ppo['generate']:.2f}",
+            f"{ppo['generate_floor_s']:.2f}",
+            f"{ppo['generate'] / ppo['generate_floor_s']:.1f}x",
             f"{ppo['score']:.2f}",
             f"{ppo['train']:.2f}",
             f"{ppo['gen_tokens_per_s']:.0f}",
             f"{ppo['peak_rss_mb']:.0f}",
             f"{four['peak_rss_mb']:.0f}",
+            f"{ppo['gflops']:.0f}",
         )
     Console(width=200).print(table)
 
