@@ -585,13 +585,18 @@ def judge_agreement(records: Sequence[PreferenceRecord], chosen: torch.Tensor, r
 # Training
 
 
+def prompt_key(record: PreferenceRecord) -> str:
+    """One string per distinct prompt: what keeps a prompt's pairs together (splits, batches, chunks)."""
+    return json.dumps(prompt_text(record.prompt))
+
+
 def split_by_prompt(
     records: Sequence[PreferenceRecord], eval_fraction: float, seed: int
 ) -> tuple[list[int], list[int]]:
     """Train and eval indices with every prompt's pairs on one side only."""
     groups: dict[str, list[int]] = {}
     for i, rec in enumerate(records):
-        groups.setdefault(json.dumps(prompt_text(rec.prompt)), []).append(i)
+        groups.setdefault(prompt_key(rec), []).append(i)
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
     n_eval = round(len(keys) * eval_fraction)
@@ -762,7 +767,7 @@ class PromptGroupedBatches:
     ):
         groups: dict[str, list[int]] = {}
         for i in pair_idx:
-            key = json.dumps(prompt_text(records[i].prompt)) if by_prompt else str(i)
+            key = prompt_key(records[i]) if by_prompt else str(i)
             groups.setdefault(key, []).append(i)
         self.groups = [groups[k] for k in sorted(groups)]
         self.n_pairs = len(pair_idx)
@@ -906,7 +911,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
         return [seq for i in pair_idx for seq in pair_refs[i]]
 
     margins = torch.tensor([r.margin for r in records], dtype=torch.float32, device=device)
-    prompt_of = [json.dumps(prompt_text(r.prompt)) for r in records]  # micro-batches keep a prompt's pairs whole
+    prompt_of = [prompt_key(r) for r in records]  # micro-batches keep a prompt's pairs whole
     use_cache = cfg.cache_lower and not cfg.full and split > 0
     cache = None
     if use_cache:
@@ -1014,7 +1019,9 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
                 mine = pair_idx[rank_slice(len(pair_idx), rank, world)]
                 # In chunks of at most --micro-batch sequences, gradients summed: the same step, less
                 # activation memory. Each chunk's loss is its pairs' share of the mean.
-                scale, _ = global_loss_scale(accelerator, len(mine))
+                # Every rank holds the same pair_idx, so the share needs no all-reduce (the one below,
+                # for finiteness, must wait for the losses).
+                scale = accelerator.num_processes * len(mine) / len(pair_idx)
                 chunks = micro_batches(mine, pair_refs, cfg.micro_batch, prompt_of)
                 loss_sum, chosen_parts, rejected_parts = 0.0, [], []
                 for k, chunk in enumerate(chunks):
@@ -1114,7 +1121,7 @@ def train_reward_model(cfg: RewardTrainConfig, show_summary: bool = True) -> dic
         "seconds_per_100_pairs": round(100 * train_seconds / max(1, pairs_seen), 2),
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
-    if cache is not None and hasattr(cache, "close"):
+    if cache is not None:
         cache.close()  # the disk cache's file goes now
     if main:
         _save_reward_model(model, tokenizer, out, cfg)
