@@ -497,10 +497,12 @@ class ServeEngine:
             start = end
         for row, token in zip(batch.rows, next_tokens.tolist(), strict=True):  # the step's one copy to the host
             row.push(token)
-        keep = [i for i, row in enumerate(batch.rows) if not (row.done or row.job.cancelled)]
-        for row in batch.rows:
+        keep = []
+        for i, row in enumerate(batch.rows):
             if row.done or row.job.cancelled:
                 self._row_left(row.job)
+            else:
+                keep.append(i)
         if len(keep) < len(batch.rows):
             batch.keep(keep)
             next_tokens = next_tokens[torch.tensor(keep, dtype=torch.long, device=self.device)]
